@@ -1,0 +1,18 @@
+import os
+
+# 8 fake CPU devices for the sharding tests; must be set before jax initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh, reported seed per test: different inputs every run, reproducible from the failure line."""
+    seed = int.from_bytes(os.urandom(4), "little") if "ULTRAMEM_TEST_SEED" not in os.environ \
+        else int(os.environ["ULTRAMEM_TEST_SEED"])
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed} (rerun with ULTRAMEM_TEST_SEED={seed})")
+    return np.random.default_rng(seed)

@@ -1,0 +1,233 @@
+"""Typed, validated configuration of the model: the memory layer and the transformer around it.
+
+Every invalid value raises ``ValueError`` whose message starts with the dotted field name
+(``memory.topk: ...``), so a user sees which knob to fix.  ``from_dict`` rejects unknown keys the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal
+
+from ultramem_jax.placement import parse_placement
+
+
+def _fail(field: str, msg: str):
+    raise ValueError(f"{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """One memory layer (UltraMem V1 defaults; see docs/ultramem-method.md A.9).
+
+    The knobs that the paper and the released code disagree on are choices here (method notes, section F).
+    """
+
+    kind: Literal["ultramem", "pkm"] = "ultramem"
+    num_keys: int = 64  # n: physical keys per side, N = n² value rows
+    key_dim: int | None = None  # D_k per side; None: d_model // 4
+    value_dim: int | None = None  # D_v; None: d_model // 2 (UltraMem) or d_model (PKM)
+    heads: int = 2  # H retrieval heads
+    topk: int = 32  # m: values selected per head
+    preselect: int | None = None  # m_pre: rows/cols kept by the pre-selection; None: topk
+    retrieval: Literal["tdqkr", "product_key"] = "tdqkr"
+    rank: int = 2  # r: Tucker rank
+    cores: int = 2  # h: Multi-Core Scoring cores
+    expansion: int = 4  # E: implicit value expansion (perfect square)
+    shuffle: bool = True  # random virtual->physical permutation for IVE
+    share_query: bool = True  # all heads use one query (UltraMem) or one each (PKM)
+    qk_norm: bool = True  # RMSNorm on sub-queries and keys
+    query_batchnorm: bool = False  # PKM's optional BatchNorm on the query
+    score_activation: Literal["identity", "softmax", "relu"] = "identity"
+    output_proj: bool = True  # project the E pooled D_v vectors to d_model
+    value_init: Literal["paper", "code", "pkm"] = "paper"  # N(0, E/(2mHL)) | N(0, 0.02²) | N(0, 1/D_v)
+    norm_init: Literal["code", "paper"] = "code"  # D_k^-0.33 | query 1/sqrt(E[Y]), key 1/sqrt(D_k)
+    aux_loss: bool = True  # Tucker singular-value penalty
+    aux_alpha: float = 1e-3
+    aux_tau: float = 0.15
+    aux_reduction: Literal["paper", "code"] = "paper"  # sum over heads | mean over heads
+    seed: int = 0  # seeds the IVE permutation (a buffer, not a parameter)
+
+    # ---- derived sizes -------------------------------------------------------------------------------
+    @property
+    def num_values(self) -> int:
+        """N: physical value rows."""
+        return self.num_keys * self.num_keys
+
+    @property
+    def keys_per_side(self) -> int:
+        """n' = sqrt(E)·n: the key grid addresses E·N virtual slots."""
+        return math.isqrt(self.expansion) * self.num_keys
+
+    @property
+    def m_pre(self) -> int:
+        return self.topk if self.preselect is None else self.preselect
+
+    def resolved(self, d_model: int) -> "MemoryConfig":
+        """Fills the sizes that default to a fraction of d_model."""
+        key_dim = self.key_dim if self.key_dim is not None else max(1, d_model // 4)
+        if self.value_dim is not None:
+            value_dim = self.value_dim
+        else:
+            value_dim = d_model if self.kind == "pkm" else max(1, d_model // 2)
+        return dataclasses.replace(self, key_dim=key_dim, value_dim=value_dim)
+
+    def validate(self, d_model: int, prefix: str = "memory") -> None:
+        c = self.resolved(d_model)
+        f = lambda name: f"{prefix}.{name}"  # noqa: E731
+        for name in ("num_keys", "key_dim", "value_dim", "heads", "topk", "rank", "cores", "expansion"):
+            v = getattr(c, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(f(name), f"must be a positive integer, got {v!r}")
+        if math.isqrt(c.expansion) ** 2 != c.expansion:
+            _fail(f("expansion"), f"must be a perfect square (4, 9, 16, ...) so the key grid is square, got {c.expansion}")
+        if c.m_pre > c.keys_per_side:
+            name = "preselect" if self.preselect is not None else "topk"
+            _fail(f(name), f"{c.m_pre} is larger than the keys per side (sqrt(expansion)·num_keys = {c.keys_per_side})")
+        if c.topk > c.m_pre * c.m_pre:
+            _fail(f("topk"), f"{c.topk} is larger than the {c.m_pre}x{c.m_pre} candidate grid of the pre-selection")
+        if c.value_dim % c.cores:
+            _fail(f("value_dim"), f"{c.value_dim} is not divisible by cores={c.cores} (MCS splits values into equal slices)")
+        if c.retrieval == "product_key" and (c.rank != 1 or c.cores != 1):
+            _fail(f("retrieval"), "product_key (additive PKM) scoring needs rank=1 and cores=1")
+        if c.retrieval == "tdqkr" and c.aux_loss and c.rank < 2:
+            _fail(f("aux_loss"), "the Tucker penalty acts on singular values 2..r and needs rank >= 2")
+        if not c.output_proj and (c.expansion != 1 or c.value_dim != d_model):
+            _fail(f("output_proj"), "can be off only with expansion=1 and value_dim == d_model")
+        if c.kind == "pkm" and (c.retrieval != "product_key" or c.expansion != 1):
+            _fail(f("kind"), "pkm means product_key retrieval without value expansion (expansion=1)")
+        if c.aux_alpha < 0:
+            _fail(f("aux_alpha"), f"must be >= 0, got {c.aux_alpha}")
+        if c.preselect is not None and c.preselect < 1:
+            _fail(f("preselect"), f"must be a positive integer, got {c.preselect}")
+
+    # ---- presets -------------------------------------------------------------------------------------
+    @classmethod
+    def pkm(cls, **overrides) -> "MemoryConfig":
+        """The original product-key memory (Lample et al. 2019): additive scores, softmax, one query per head."""
+        base = dict(kind="pkm", heads=4, retrieval="product_key", rank=1, cores=1, expansion=1, shuffle=False,
+                    share_query=False, qk_norm=False, score_activation="softmax", output_proj=False,
+                    value_init="pkm", aux_loss=False)
+        return cls(**{**base, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer (RMSNorm, RoPE, causal attention, SwiGLU) with optional memory layers."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int | None = None  # None: d_model // num_heads
+    mlp_dim: int | None = None  # SwiGLU inner width; None: 8/3·d_model rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activation dtype; params stay float32
+    memory: MemoryConfig | None = None
+    memory_placement: str = ""  # "x1:y1/x2:y2": memory reads block x's pre-FFN hidden, adds after block y
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def resolved_mlp_dim(self) -> int:
+        return self.mlp_dim or -(-(8 * self.d_model // 3) // 64) * 64
+
+    @property
+    def placement(self) -> list[tuple[int, int]]:
+        return parse_placement(self.memory_placement, self.num_layers, field="memory_placement")
+
+    @property
+    def resolved_memory(self) -> MemoryConfig | None:
+        return None if self.memory is None else self.memory.resolved(self.d_model)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(name, f"must be a positive integer, got {v!r}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            _fail("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.resolved_head_dim % 2:
+            _fail("head_dim", f"RoPE needs an even head dimension, got {self.resolved_head_dim}")
+        placement = self.placement  # validates the string
+        if placement and self.memory is None:
+            _fail("memory_placement", "memory layers are placed but no memory config is given")
+        if self.memory is not None:
+            if not placement:
+                _fail("memory_placement", "a memory config is given but no memory layer is placed (e.g. '1:2')")
+            self.memory.validate(self.d_model)
+
+    @property
+    def num_memory_layers(self) -> int:
+        return len(self.placement)
+
+
+# ---- dict / YAML construction ------------------------------------------------------------------------
+
+def _check_type(field: str, value: Any, tp: Any) -> Any:
+    """Checks ``value`` against a dataclass field annotation; returns the value (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(field, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(field, value, a)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{field}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            _fail(field, f"must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=field)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(field, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(field, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(field, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(field, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Builds dataclass ``cls`` from a plain dict, rejecting unknown keys and ill-typed values by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        field = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            _fail(field, f"unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _check_type(field, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ValueError(f"{prefix}.{e}") from None
+        raise

@@ -1,0 +1,166 @@
+"""The UltraMem memory layer (V1, method notes A.6) and the PKM baseline, as Flax NNX modules.
+
+Per token (x: the pre-FFN normalised hidden of the block the layer reads):
+
+    q = W_q x → (q_row, q_col), RMS-normalised              shared by all H heads (or one per head, PKM)
+    S_row = K_row q_row, S_col = K_col q_col                  rank-r key scores, keys RMS-normalised too
+    winners, per-core scores = TDQKR + MCS  (or additive product keys)
+    (block, row) = divmod(π[slot], N)                         IVE shuffle
+    pooled[p] = Σ_{k: block_k = p} s_k ⊙ V[row_k]             weighted gather, per-core value slices
+    out = Σ_p W_pᵀ pooled[p]                                  the E projectors, one (E, D_v, D) tensor
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultramem_jax import ive, product_keys, tdqkr
+from ultramem_jax import sharding as sh
+from ultramem_jax.config import MemoryConfig
+from ultramem_jax.init import norm_weights, value_std
+
+
+class MemoryBuffer(nnx.Variable):
+    """A fixed, non-trainable array of the layer (the IVE permutation)."""
+
+
+class TuckerVectors(nnx.Variable):
+    """The detached leading singular vectors (u, t) used for the pre-selection; refreshed once per step.
+
+    They are state, not parameters: stored in checkpoints so evaluation reproduces training exactly.
+    """
+
+
+def _param(init, rngs, shape, names, std=None):
+    key = rngs.params()
+    value = init(key, shape) if std is None else std * jax.random.normal(key, shape, jnp.float32)
+    return nnx.Param(value, out_sharding=names)
+
+
+def _rms_normalize(x, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class UltraMemLayer(nnx.Module):
+    """UltraMem V1: TDQKR retrieval, Multi-Core Scoring and Implicit Value Expansion.
+
+    Also covers the ablation path from PKM (``retrieval='product_key'``, ``expansion=1``, ``cores=1``,
+    softmax scores, ...), since every step of the paper's Table 2 is a knob of ``MemoryConfig``.
+    """
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, num_layers: int, *, rngs: nnx.Rngs):
+        cfg.validate(d_model)
+        cfg = cfg.resolved(d_model)
+        self.cfg, self.d_model = cfg, d_model
+        H, Dk, Dv, E, r, C = cfg.heads, cfg.key_dim, cfg.value_dim, cfg.expansion, cfg.rank, cfg.cores
+        n_side, N = cfg.keys_per_side, cfg.num_values
+        self.query_heads = 1 if cfg.share_query else H
+        self.query = _param(None, rngs, (d_model, self.query_heads * 2 * Dk), (sh.EMBED, sh.MEM_QUERY),
+                            std=Dk ** -0.5)
+        self.query_bn = (nnx.BatchNorm(self.query_heads * 2 * Dk, use_running_average=False, rngs=rngs)
+                         if cfg.query_batchnorm else None)
+        # keys[h, side, i, :, a]: the a-th rank vector of key i on side (0 = row, 1 = column) of head h
+        self.keys = _param(None, rngs, (H, 2, n_side, Dk, r), (sh.MEM_HEADS, None, sh.MEM_KEYS, None, None),
+                           std=Dk ** -0.5)
+        if cfg.qk_norm:
+            q_w, k_w = norm_weights(cfg)
+            self.query_norm = nnx.Param(jnp.full((Dk,), q_w, jnp.float32), out_sharding=(sh.NORM,))
+            self.key_norm = nnx.Param(jnp.full((Dk,), k_w, jnp.float32), out_sharding=(sh.NORM,))
+        if cfg.retrieval == "tdqkr":
+            self.cores = nnx.Param(jax.random.uniform(rngs.params(), (C, H, r, r), jnp.float32),
+                                   out_sharding=(None, sh.MEM_HEADS, None, None))
+            u, t = tdqkr.initial_tucker_vectors(H, r)
+            self.tucker_u, self.tucker_t = TuckerVectors(u), TuckerVectors(t)
+            self.refresh_tucker()  # before any forward: never pre-select with stale or zero vectors
+        self.values = _param(None, rngs, (N, Dv), (sh.VALUE_ROWS, sh.VALUE_DIM), std=value_std(cfg, num_layers))
+        if cfg.output_proj:
+            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED),
+                                   std=(E * Dv) ** -0.5)
+        self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
+                            if cfg.shuffle and E > 1 else None)
+
+    # ---- TDQKR state -------------------------------------------------------------------------------
+    def refresh_tucker(self):
+        """Once per optimizer step (and at init / after a restore): u, t ← leading SVD pair of Σ_c C⁽ᶜ⁾."""
+        if self.cfg.retrieval != "tdqkr":
+            return
+        u, t = tdqkr.refresh_tucker_vectors(self.cores[...], self.tucker_u[...], self.tucker_t[...])
+        self.tucker_u[...], self.tucker_t[...] = u, t
+
+    def aux_loss(self) -> jax.Array:
+        cfg = self.cfg
+        if cfg.retrieval != "tdqkr" or not cfg.aux_loss:
+            return jnp.zeros((), jnp.float32)
+        return tdqkr.tucker_aux_loss(self.cores[...], cfg.aux_alpha, cfg.aux_tau, cfg.aux_reduction)
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def retrieve(self, x_TxD: jax.Array):
+        """Selects H·m virtual slots per token. Returns (scores T×H×M×C before activation, slots T×H×M)."""
+        cfg = self.cfg
+        T = x_TxD.shape[0]
+        q = x_TxD @ self.query[...].astype(x_TxD.dtype)
+        if self.query_bn is not None:
+            q = self.query_bn(q)
+        q_TxQx2xD = q.reshape(T, self.query_heads, 2, cfg.key_dim)
+        keys = self.keys[...].astype(x_TxD.dtype)
+        if cfg.qk_norm:
+            q_TxQx2xD = _rms_normalize(q_TxQx2xD) * self.query_norm[...].astype(q.dtype)
+            keys = _rms_normalize(jnp.moveaxis(keys, 3, -1)) * self.key_norm[...].astype(q.dtype)
+            keys = jnp.moveaxis(keys, -1, 3)
+        q_TxHx2xD = jnp.broadcast_to(q_TxQx2xD, (T, cfg.heads, 2, cfg.key_dim))
+        s_row = tdqkr.rank_key_scores(q_TxHx2xD[:, :, 0], keys[:, 0])
+        s_col = tdqkr.rank_key_scores(q_TxHx2xD[:, :, 1], keys[:, 1])
+        if cfg.retrieval == "tdqkr":
+            return tdqkr.tdqkr_topk(s_row, s_col, self.cores[...].astype(s_row.dtype), self.tucker_u[...],
+                                    self.tucker_t[...], cfg.m_pre, cfg.topk)
+        scores, slots = product_keys.product_key_topk(s_row[:, :, 0], s_col[:, :, 0], cfg.m_pre, cfg.topk)
+        return scores[..., None], slots
+
+    def _activate(self, scores_TxHxMxC):
+        if self.cfg.score_activation == "softmax":  # PKM: normalise over each head's m winners
+            return jax.nn.softmax(scores_TxHxMxC.astype(jnp.float32), axis=2).astype(scores_TxHxMxC.dtype)
+        if self.cfg.score_activation == "relu":
+            return jax.nn.relu(scores_TxHxMxC)
+        return scores_TxHxMxC
+
+    def __call__(self, x_BxSxD: jax.Array):
+        """Returns (output B×S×D, info) where info holds what the memory statistics need."""
+        cfg = self.cfg
+        B, S, D = x_BxSxD.shape
+        x_TxD = x_BxSxD.reshape(B * S, D)
+        raw_TxHxMxC, slots_TxHxM = self.retrieve(x_TxD)
+        scores_TxHxMxC = self._activate(raw_TxHxMxC)
+        perm = None if self.permutation is None else self.permutation[...]
+        blocks, rows = ive.virtual_to_physical(slots_TxHxM, perm, cfg.num_values)
+        K = cfg.heads * cfg.topk  # all heads' winners pool into the same E blocks (official code)
+        pooled_TxExDv = ive.gather_pool(self.values[...].astype(x_TxD.dtype), rows.reshape(-1, K),
+                                        blocks.reshape(-1, K), scores_TxHxMxC.reshape(-1, K, cfg.cores),
+                                        cfg.expansion)
+        if cfg.output_proj:
+            out_TxD = jnp.einsum("tev,evd->td", pooled_TxExDv, self.out_proj[...].astype(x_TxD.dtype))
+        else:
+            out_TxD = pooled_TxExDv[:, 0]
+        selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by
+        info = {"rows": rows.reshape(-1, K), "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
+        return out_TxD.reshape(B, S, D), info
+
+
+class PKMLayer(UltraMemLayer):
+    """The original product-key memory (Lample et al. 2019), the baseline of the paper's ablation.
+
+    Additive row + column scores, one query per head, softmax over the winners, optional query BatchNorm,
+    values of width d_model read without projection.  Built from ``MemoryConfig.pkm(...)``.
+    """
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, num_layers: int, *, rngs: nnx.Rngs):
+        if cfg.kind != "pkm":
+            raise ValueError("memory.kind: PKMLayer needs a PKM config (MemoryConfig.pkm(...))")
+        super().__init__(cfg, d_model, num_layers, rngs=rngs)
+
+
+def memory_layer(cfg: MemoryConfig, d_model: int, num_layers: int, *, rngs: nnx.Rngs) -> UltraMemLayer:
+    cls = PKMLayer if cfg.kind == "pkm" else UltraMemLayer
+    return cls(cfg, d_model, num_layers, rngs=rngs)
+

@@ -1,0 +1,75 @@
+"""Optimizer: AdamW with the paper's schedule, and the value-table learning-rate multiplier (notes A.8).
+
+Value LR ("value lr decay", the largest single gain of the paper's ablation):
+    lr_value(step) = lr(step) · (1 + (M − 1) · max(0, 1 − step / (T · decay_frac)))
+M = 4 in the released code (10 in secondary sources); decay_frac = 1 decays over the whole run.
+The value tables are found by name (every memory layer's ``values``) and get their own AdamW.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 6e-4  # peak
+    warmup_frac: float = 0.01  # of total steps
+    final_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to every parameter, value tables included (released code)
+    grad_clip: float = 1.0  # global norm; 0 disables
+    value_lr_multiplier: float = 4.0  # M
+    value_lr_decay_frac: float = 1.0  # the multiplier reaches 1 after this fraction of the run
+
+    def __post_init__(self):
+        checks = {"learning_rate": self.learning_rate > 0, "warmup_frac": 0 <= self.warmup_frac < 1,
+                  "final_lr_ratio": 0 <= self.final_lr_ratio <= 1, "b1": 0 <= self.b1 < 1, "b2": 0 <= self.b2 < 1,
+                  "eps": self.eps > 0, "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
+                  "value_lr_multiplier": self.value_lr_multiplier >= 1,
+                  "value_lr_decay_frac": self.value_lr_decay_frac > 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"optim.{name}: out of range ({getattr(self, name)!r})")
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = max(1, int(cfg.warmup_frac * total_steps))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1),
+                                              end_value=cfg.learning_rate * cfg.final_lr_ratio)
+
+
+def value_lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    base = lr_schedule(cfg, total_steps)
+    horizon = max(1.0, cfg.value_lr_decay_frac * total_steps)
+
+    def schedule(step):
+        boost = 1.0 + (cfg.value_lr_multiplier - 1.0) * jnp.maximum(0.0, 1.0 - step / horizon)
+        return base(step) * boost
+
+    return schedule
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def param_labels(params):
+    """'values' for the memory value tables, 'other' for everything else."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "values" if "values" in _path_names(path) else "other", params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    def adamw(schedule):
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.multi_transform({"values": adamw(value_lr_schedule(cfg, total_steps)),
+                                        "other": adamw(lr_schedule(cfg, total_steps))}, param_labels))
+    return optax.chain(*parts)

@@ -1,0 +1,47 @@
+"""Analytic parameter counts: total, and activated per token.
+
+"Activated per token" counts the parameters that take part in one token's forward pass: every dense weight,
+one embedding row, all keys (every key is scored), the cores, the query and output projections, and only the
+H·m value rows the token selects.  That is the paper's sense of sparse vs. activated parameters.
+"""
+from __future__ import annotations
+
+from ultramem_jax.config import ModelConfig
+
+
+def memory_layer_params(cfg: ModelConfig) -> dict[str, int]:
+    mem = cfg.resolved_memory
+    D = cfg.d_model
+    q_heads = 1 if mem.share_query else mem.heads
+    q_feat = q_heads * 2 * mem.key_dim
+    counts = {
+        "query": D * q_feat + (2 * q_feat if mem.query_batchnorm else 0),
+        "norms": 2 * mem.key_dim if mem.qk_norm else 0,
+        "keys": mem.heads * 2 * mem.keys_per_side * mem.key_dim * mem.rank,
+        "cores": mem.cores * mem.heads * mem.rank * mem.rank if mem.retrieval == "tdqkr" else 0,
+        "values": mem.num_values * mem.value_dim,
+        "out_proj": mem.expansion * mem.value_dim * D if mem.output_proj else 0,
+    }
+    counts["activated"] = sum(v for k, v in counts.items() if k != "values") + \
+        min(mem.heads * mem.topk, mem.num_values) * mem.value_dim
+    return counts
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    D, V, L, N, H, F = (cfg.d_model, cfg.vocab_size, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim,
+                        cfg.resolved_mlp_dim)
+    block = 4 * D * N * H + 3 * D * F + 2 * D
+    embed = V * D
+    unembed = 0 if cfg.tie_embeddings else D * V
+    dense = embed + unembed + L * block + D
+    total, activated = dense, dense - embed + D
+    memory_values = 0
+    if cfg.memory is not None:
+        per_layer = memory_layer_params(cfg)
+        n_mem = cfg.num_memory_layers
+        layer_total = sum(v for k, v in per_layer.items() if k != "activated")
+        total += n_mem * layer_total
+        activated += n_mem * per_layer["activated"]
+        memory_values = n_mem * per_layer["values"]
+    return {"total": total, "activated_per_token": activated, "dense": dense, "memory_values": memory_values,
+            "embedding": embed}

@@ -47,8 +47,11 @@ def test_from_dict_rejects_unknown_and_ill_typed_keys():
         from_dict(ModelConfig, {**BASE, "memory": {"score_activation": "tanh"}, "memory_placement": "1:2"})
     with pytest.raises(ValueError, match=r"^memory\.topk:"):
         from_dict(ModelConfig, {**BASE, "memory": {"num_keys": 2, "topk": 9}, "memory_placement": "1:2"})
-    cfg = from_dict(ModelConfig, {**BASE, "memory": {"num_keys": 8, "topk": 4}, "memory_placement": "1:2"})
-    assert cfg.memory.topk == 4
+    cfg = from_dict(ModelConfig, {**BASE, "memory": {"num_keys": 8, "topk": 4, "aux_alpha": "3e-4"},
+                                  "memory_placement": "1:2"})
+    assert cfg.memory.topk == 4 and cfg.memory.aux_alpha == 3e-4  # YAML 1.1 leaves 3e-4 a string
+    with pytest.raises(ValueError, match=r"^memory\.aux_alpha: must be a number"):
+        from_dict(ModelConfig, {**BASE, "memory": {"aux_alpha": "lots"}, "memory_placement": "1:2"})
 
 
 def test_placement_parsing():

@@ -190,6 +190,16 @@ def _check_type(field: str, value: Any, tp: Any) -> Any:
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{field}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(field, f"must be a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_check_type(f"{field}.{k}", k, key_tp): _check_type(f"{field}.{k}", v, val_tp)
+                for k, v in value.items()}
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            _fail(field, f"must be a list, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -205,6 +215,11 @@ def _check_type(field: str, value: Any, tp: Any) -> Any:
             _fail(field, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(field, f"must be a number, got {value!r}")
         return float(value)

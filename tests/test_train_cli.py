@@ -1,0 +1,197 @@
+"""train.py, eval and prepare as a user runs them: subprocesses on a micro config and a small corpus."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.memory.num_keys=16",
+         "model.memory.key_dim=8", "model.memory.value_dim=16", "model.memory.topk=4", "model.memory_placement=0:1",
+         "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0"]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "lorem", "ipsum", "memory", "value", "key", "query"]
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    with open(path, "w") as f:
+        for _ in range(400):
+            f.write(" ".join(rng.choice(words, size=int(rng.integers(5, 40)))) + ".\n\n")
+    return str(path)
+
+
+def train_cmd(out, corpus, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", f"data.dataset={corpus}",
+            *MICRO, *extra]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600, **kw)
+
+
+def losses(out):
+    recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if l.strip()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}, [r for r in recs if r["kind"] == "eval"]
+
+
+def ckpt_steps(out):
+    d = os.path.join(out, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def snapshot(path):
+    return sorted((os.path.relpath(os.path.join(r, f), path), os.path.getmtime(os.path.join(r, f)),
+                   os.path.getsize(os.path.join(r, f))) for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus):
+    """An uninterrupted 30-step run with checkpoints at 10, 20, 30."""
+    out = str(tmp_path_factory.mktemp("runs") / "reference")
+    r = run(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_kill_9_then_resume_gives_bitwise_identical_losses(tmp_path, corpus, reference_run):
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and max(losses(out)[0] or [0]) >= 23:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt_steps(out), "no checkpoint was written before the kill"
+    r = run(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = int(r.stdout.split("resumed from step ")[1].split()[0])
+    assert resumed in (10, 20)
+    want, want_eval = losses(reference_run)
+    got, got_eval = losses(out)
+    assert sorted(got) == list(range(1, 31))
+    for step in range(resumed + 1, 31):
+        assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
+    assert got_eval[-1]["val_loss"] == want_eval[-1]["val_loss"]
+
+
+def test_eval_reproduces_final_validation_loss(reference_run):
+    r = run([sys.executable, "-m", "ultramem_jax.eval", reference_run, "--prompt", "alpha", "--max-new-tokens", "8"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, evals = losses(reference_run)
+    assert f"val_loss {evals[-1]['val_loss']:.4f}" in r.stdout
+    assert f"{evals[-1]['val_tokens']:,} tokens" in r.stdout
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus, reference_run):
+    out = str(tmp_path / "corrupt")
+    shutil.copytree(reference_run, out)
+    for root, _, files in os.walk(os.path.join(out, "checkpoints", "30", "params")):
+        for f in files:
+            open(os.path.join(root, f), "w").close()  # truncate every file of the newest step
+    r = run(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint step 30 is unreadable" in r.stderr
+    assert "resumed from step 20" in r.stdout
+    assert os.path.isdir(os.path.join(out, "checkpoints", "30.corrupt"))  # set aside, not deleted
+    want, _ = losses(reference_run)
+    got, _ = losses(out)
+    assert all(got[s] == want[s] for s in range(21, 31))
+
+
+def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, corpus):
+    out = str(tmp_path / "nan")
+    r = run(train_cmd(out, corpus, "steps=40", "checkpoint_every=1", "optim.learning_rate=1e30",
+                      "optim.warmup_frac=0.0", "optim.grad_clip=0.0", "async_checkpointing=false"))
+    assert r.returncode == 3, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and ("at step" in line or "after step" in line), line
+    bad_step = int(line.split("step ")[1].split(";")[0])
+    assert max(ckpt_steps(out) or [0]) < bad_step
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path, corpus):
+    out = str(tmp_path / "term")
+    proc = subprocess.Popen(train_cmd(out, corpus, "steps=100000", "checkpoint_every=0"), env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and max(losses(out)[0] or [0]) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert ckpt_steps(out) and ckpt_steps(out)[-1] >= 3
+    assert f"saved checkpoint at step {ckpt_steps(out)[-1]}" in stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bogus_key=1"], "bogus_key: unknown key"),
+    (["steps=abc"], "steps: must be an integer"),
+    (["model_name=nope"], "model_name: unknown preset 'nope'"),
+    (["model.memory.expansion=3"], "model.memory.expansion: must be a perfect square"),
+    (["data.dataset=/nonexistent/file.txt"], "file not found: /nonexistent/file.txt"),
+    (["model_name=moe-151m-2in32"], "is a placeholder"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, corpus, args, message):
+    out = str(tmp_path / "bad")
+    r = run(train_cmd(out, corpus, "steps=5", *args))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_unusable_paths_fail_clearly_and_touch_nothing(tmp_path, corpus, reference_run):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run(train_cmd(str(tmp_path / "a"), str(empty), "steps=5"))
+    assert r.returncode == 2 and "no text" in r.stderr
+    garbage = tmp_path / "tok.json"
+    garbage.write_text("\x00garbage")
+    r = run(train_cmd(str(tmp_path / "b"), corpus, "steps=5", f"data.tokenizer={garbage}"))
+    assert r.returncode == 2 and "unreadable" in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run(train_cmd(str(blocker / "sub"), corpus, "steps=5"))
+    assert r.returncode == 2 and "not writable" in r.stderr
+    # a checkpoint from another model config: refused, nothing modified
+    out = str(tmp_path / "incompatible")
+    shutil.copytree(reference_run, out)
+    before = snapshot(os.path.join(out, "checkpoints"))
+    r = run(train_cmd(out, corpus, "steps=40", "checkpoint_every=10", "model.d_model=64"))
+    assert r.returncode == 2 and "incompatible config" in r.stderr and "model.d_model" in r.stderr
+    assert snapshot(os.path.join(out, "checkpoints")) == before
+
+
+def test_prepare_then_train_with_bpe(tmp_path, corpus):
+    prep = str(tmp_path / "prep")
+    r = run([sys.executable, "-m", "ultramem_jax.data", "prepare", "--input", corpus, "--output", prep,
+             "--tokenizer", "bpe", "--bpe-vocab-size", "300"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(train_cmd(str(tmp_path / "run"), prep, "steps=4", "model.vocab_size=304"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(train_cmd(str(tmp_path / "run2"), prep, "steps=4", "model.vocab_size=256"))
+    assert r.returncode == 2 and "smaller than the tokenizer" in r.stderr
+
+
+def test_smoke_run_of_the_default_config(tmp_path):
+    out = str(tmp_path / "smoke")
+    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=60", f"output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, evals = losses(out)
+    assert evals and np.isfinite(evals[-1]["val_loss"])
+    assert ckpt_steps(out) == [60]
+    assert os.listdir(os.path.join(out, "tensorboard"))

@@ -1,0 +1,168 @@
+"""Train a language model with UltraMem memory layers (or a dense / PKM baseline).
+
+    python train.py [CONFIG.yml] [key=value ...]        e.g.  python train.py steps=60 output_dir=/tmp/run
+
+The flow: config → mesh → data → model and optimizer under the mesh → restore or init → jitted steps
+(dispatching step N+1 before reading step N's metrics) → periodic eval → async Orbax checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from ultramem_jax import data, training
+from ultramem_jax.checkpointing import Checkpointer, abstract_like
+from ultramem_jax.errors import UsageError
+from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh
+from ultramem_jax.metrics import MetricsLogger
+from ultramem_jax.optim import lr_schedule
+from ultramem_jax.train_config import config_fingerprint, load_config
+
+CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE")
+
+
+class Diverged(Exception):
+    pass
+
+
+def ensure_writable(path: str):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"output_dir {path} is not writable ({e.strerror})") from None
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(argv)
+    if cfg.distributed == "on" or (cfg.distributed == "auto" and any(v in os.environ for v in CLUSTER_ENV)):
+        jax.distributed.initialize()  # coordinator and process ids come from the TPU / SLURM environment
+    is_main = jax.process_index() == 0
+    ensure_writable(cfg.output_dir)
+    mesh = make_mesh(cfg.mesh)
+    rules = logical_rules(cfg.logical_axis_rules, mesh)
+    data_sharding = batch_sharding(mesh, rules)
+
+    corpus = data.load_corpus(cfg.data, cfg.output_dir)
+    if cfg.model.vocab_size < corpus.tokenizer.vocab_size:
+        raise UsageError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{corpus.tokenizer.vocab_size}")
+    baseline = data.unigram_cross_entropy(corpus.train, corpus.val, corpus.tokenizer.vocab_size)
+    ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing)
+    fingerprint = config_fingerprint(cfg)
+    ckpt.check_compatible(fingerprint)
+
+    model_def, model_state, opt_def, opt_state = training.build(cfg, mesh, rules)
+    train_iter = iter(data.train_dataset(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, jax.process_index(),
+                                         jax.process_count(), cfg.data.num_threads, cfg.data.prefetch))
+    start = 0
+    restored = ckpt.restore_latest(abstract_like(model_state), abstract_like(opt_state), train_iter)
+    if restored:
+        start, model_state, opt_state, _ = restored
+    usage = training.new_usage(cfg, mesh)
+    train_step = training.make_train_step(model_def, opt_def, model_state, opt_state, usage, data_sharding)
+    eval_step = training.make_eval_step(model_def)
+    global_shape = (cfg.batch_size, cfg.seq_len + 1)
+    to_train = lambda x: jax.make_array_from_process_local_data(data_sharding, x, global_shape)  # noqa: E731
+    to_eval = lambda x: jax.make_array_from_callback(x.shape, data_sharding, lambda i: x[i])  # noqa: E731
+    val_batches = lambda: data.val_batches(corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)  # noqa: E731
+
+    logger = MetricsLogger(cfg.output_dir, start, enabled=is_main)
+    flops_per_token = training.train_flops_per_token(cfg.model, cfg.seq_len)
+    peak, peak_source = training.peak_flops_per_device(cfg.peak_tflops)
+    n_params = sum(x.size for x in jax.tree.leaves(model_state))
+    if is_main:
+        print(f"{cfg.model_name}: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | "
+              f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens | unigram baseline "
+              f"{baseline:.4f} nats/token | {'resumed from step ' + str(start) if start else 'fresh start'}")
+    stop = {}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.setdefault("signal", signum))
+
+    window = {"t": time.perf_counter(), "steps": 0, "step_time": None}
+    last_saved = start
+
+    def finish(step, metrics):
+        """Reads step ``step``'s metrics (blocking on it alone), stops on a non-finite loss, logs."""
+        nonlocal usage
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise Diverged(f"loss is {loss} at step {step}; stopped without saving this state "
+                           f"(the newest checkpoint is step {last_saved})")
+        window["steps"] += 1
+        if step % cfg.log_every and step != cfg.steps:
+            return
+        elapsed = time.perf_counter() - window["t"]
+        step_time = elapsed / window["steps"]
+        tok_s = cfg.batch_size * cfg.seq_len / step_time
+        record = training.to_float_dict(metrics)
+        record.update(lr=float(lr_schedule(cfg.optim, cfg.steps)(step - 1)), tokens_per_s=tok_s,
+                      mfu=tok_s * flops_per_token / (peak * jax.device_count()), step_time_s=step_time)
+        record.update({f"mem{i}/slots_hit": float(np.mean(u)) for i, u in enumerate(jax.device_get(usage))})
+        usage = training.new_usage(cfg, mesh)
+        logger.write(step, record)
+        if is_main:
+            mem = " | slots hit " + "/".join(f"{record[f'mem{i}/slots_hit']:.0%}" for i in range(len(usage))) \
+                if usage else ""
+            print(f"step {step:>6}/{cfg.steps} | loss {loss:.4f} | {tok_s / 1e3:.1f}k tok/s | "
+                  f"MFU {record['mfu']:.1%} ({peak_source}) | ETA "
+                  f"{training.format_duration(step_time * (cfg.steps - step))}{mem}", flush=True)
+        window.update(t=time.perf_counter(), steps=0)
+
+    def run_eval(step):
+        loss, count = training.evaluate(eval_step, model_state, val_batches(), to_eval)
+        logger.write(step, {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": count}, "eval")
+        if is_main:
+            print(f"eval   {step:>6} | val_loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
+                  f"{count:,} tokens | unigram baseline {baseline:.4f}", flush=True)
+        return loss
+
+    pending = None
+    for step in range(start, cfg.steps):
+        batch = to_train(next(train_iter))
+        model_state, opt_state, usage, metrics = train_step(model_state, opt_state, usage, batch)
+        if pending:
+            finish(*pending)
+        pending, done = (step + 1, metrics), step + 1
+        save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps or stop
+        eval_now = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+        if save_now or eval_now:
+            finish(*pending)  # the loss must be known finite before this state is saved
+            pending = None
+        if eval_now:
+            run_eval(done)
+        if save_now and not bool(training.all_finite(model_state)):
+            raise Diverged(f"parameters are not finite after step {done}; stopped without saving this state "
+                           f"(the newest checkpoint is step {last_saved})")
+        if save_now:
+            meta = {"step": done, "fingerprint": fingerprint, "config": cfg.to_dict(),
+                    "tokenizer_vocab": corpus.tokenizer.vocab_size}
+            ckpt.save(done, model_state, opt_state, train_iter, meta)
+            last_saved = done
+        if stop:
+            ckpt.wait()
+            print(f"received signal {stop['signal']}: saved checkpoint at step {done}, exiting", flush=True)
+            return 128 + stop["signal"]
+    ckpt.wait()
+    logger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -1,0 +1,123 @@
+"""Evaluate a checkpoint: validation loss and perplexity, and optionally sample text from a prompt.
+
+    python -m ultramem_jax.eval RUN_DIR [--step N] [--prompt TEXT] [--max-new-tokens 200] [key=value ...]
+
+Only the ``params`` item is read, onto whatever devices this machine has (the run's mesh is not needed).
+``key=value`` overrides the run's config for evaluation (e.g. ``data.dataset=other.jsonl eval_batches=10``);
+the model part must stay as trained.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ultramem_jax import data, training
+from ultramem_jax.checkpointing import Checkpointer, abstract_like
+from ultramem_jax.config import from_dict
+from ultramem_jax.errors import UsageError
+from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh
+from ultramem_jax.train_config import TrainConfig, _merge, parse_overrides
+from ultramem_jax.transformer import create_model
+
+
+def load_run(run_dir: str, step: int | None, overrides: list[str], devices=None):
+    """(config, model with restored params, step, mesh, rules) for a run directory."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise UsageError(f"{run_dir} has no checkpoints/ directory")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    if not ckpt.steps():
+        raise UsageError(f"no checkpoints in {ckpt_dir}")
+    meta_step = step if step is not None else ckpt.steps()[-1]
+    try:
+        meta = ckpt.read_meta(meta_step)
+    except Exception:
+        meta = ckpt.read_meta(ckpt.steps()[0])
+    _, over = parse_overrides(overrides)
+    if "model" in over:
+        raise UsageError("model.* cannot be overridden at evaluation: the checkpoint fixes the model")
+    try:
+        cfg = from_dict(TrainConfig, _merge(meta["config"], over))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    mesh = make_mesh({"data": -1}, devices)  # whatever devices are here; parameters replicated
+    rules = logical_rules([], mesh)
+    model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
+    model_def, model_state = nnx.split(model)
+    restored_step, params, _ = ckpt.restore_params(abstract_like(model_state), step)
+    return cfg, nnx.merge(model_def, params), restored_step, mesh, rules
+
+
+def validation_loss(cfg, model, mesh, rules, corpus) -> tuple[float, int]:
+    sharding = batch_sharding(mesh, rules)
+    model_def, model_state = nnx.split(model)
+    to_global = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])  # noqa: E731
+    batches = data.val_batches(corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+    return training.evaluate(training.make_eval_step(model_def), model_state, batches, to_global)
+
+
+def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+           max_len: int) -> str:
+    """Autoregressive sampling (full recompute per token: simple, fine for short demos)."""
+    ids = list(tokenizer.encode(prompt)) or [tokenizer.eos_id]
+    model_def, state = nnx.split(model)
+
+    @jax.jit
+    def next_logits(state, tokens, length):
+        logits, _ = nnx.merge(model_def, state)(tokens)
+        return logits[0, length - 1]
+
+    key = jax.random.key(seed)
+    for _ in range(max_new_tokens):
+        window = ids[-max_len:]
+        padded = np.zeros((1, max_len), np.int32)
+        padded[0, :len(window)] = window
+        logits = next_logits(state, jnp.asarray(padded), len(window))
+        if temperature <= 0:
+            nxt = int(jnp.argmax(logits))
+        else:
+            key, sub = jax.random.split(key)
+            vals, idx = jax.lax.top_k(logits / temperature, min(top_k, logits.shape[-1]))
+            nxt = int(idx[jax.random.categorical(sub, vals)])
+        if nxt == tokenizer.eos_id:
+            break
+        ids.append(nxt)
+    return tokenizer.decode(ids)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ultramem_jax.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="the output_dir of a training run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
+    p.add_argument("--prompt", default=None, help="sample a continuation of this text")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--no-loss", action="store_true", help="skip the validation pass")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg, model, step, mesh, rules = load_run(args.run_dir, args.step, rest)
+        corpus = data.load_corpus(cfg.data, args.run_dir)
+        if not args.no_loss:
+            loss, count = validation_loss(cfg, model, mesh, rules, corpus)
+            print(f"step {step} | val_loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | {count:,} tokens | "
+                  f"{len(jax.devices())} {jax.devices()[0].platform} device(s)")
+        if args.prompt is not None:
+            text = sample(model, corpus.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                          cfg.seed, cfg.seq_len)
+            print(text)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

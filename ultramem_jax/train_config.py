@@ -1,0 +1,166 @@
+"""The run configuration: YAML files plus ``key=value`` overrides, validated against a typed schema.
+
+Precedence (MaxText style): ``configs/base.yml`` < ``configs/models/<model_name>.yml`` < the YAML file named
+on the command line (and the files its ``base_config`` names) < ``key=value`` overrides.  Nested keys use dots:
+``model.memory.topk=8``.  Anything unknown or ill-typed fails with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import yaml
+
+from ultramem_jax.config import ModelConfig, from_dict
+from ultramem_jax.errors import UsageError
+from ultramem_jax.optim import OptimConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "kjv"  # "kjv" (built-in demo corpus), or files / globs / a prepared dir, comma-separated
+    format: str = "auto"  # auto | text | jsonl | prepared
+    jsonl_field: str = "text"  # the field of each jsonl record that holds the document
+    tokenizer: str = "byte"  # byte | bpe (train one on the corpus) | path/to/tokenizer.json
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.02  # documents held out for validation, chosen by a fixed seed
+    num_threads: int = 2  # grain reader threads
+    prefetch: int = 8  # grain prefetch buffer, in batches
+
+    def __post_init__(self):
+        if self.format not in ("auto", "text", "jsonl", "prepared"):
+            raise ValueError(f"data.format: must be auto, text, jsonl or prepared, got {self.format!r}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"data.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
+        if self.bpe_vocab_size < 260:
+            raise ValueError(f"data.bpe_vocab_size: must be >= 260, got {self.bpe_vocab_size}")
+        if not self.dataset.strip():
+            raise ValueError("data.dataset: empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model_name: str = "tiny"  # preset under configs/models/
+    output_dir: str = "runs/tiny"  # checkpoints, metrics.jsonl, TensorBoard events, config.json
+    steps: int = 1500
+    seed: int = 0
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 128
+    log_every: int = 50
+    eval_every: int = 500  # 0: only at the end
+    eval_batches: int = 0  # 0: the whole validation split
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+    distributed: str = "auto"  # auto | on | off: jax.distributed.initialize() for multi-host runs
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    logical_axis_rules: list = dataclasses.field(default_factory=list)  # [[logical, mesh axes], ...]
+    peak_tflops: float = 0.0  # per device, for MFU; 0: known accelerators, or a measured matmul on CPU
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.distributed not in ("auto", "on", "off"):
+            raise ValueError(f"distributed: must be auto, on or off, got {self.distributed!r}")
+        if not self.output_dir:
+            raise ValueError("output_dir: empty")
+        sizes = list(self.mesh.values())
+        if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh: sizes must be positive with at most one -1, got {self.mesh}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys")
+    base = data.pop("base_config", None)
+    if base:
+        parent = _read_yaml(base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base))
+        data = _merge(parent, data)
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "mesh" else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any):
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise UsageError(f"{dotted}: {k} is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
+    """``[CONFIG.yml] key=value ...`` → (config path or None, nested override dict)."""
+    path, overrides = None, {}
+    for i, arg in enumerate(args):
+        if "=" not in arg:
+            if i == 0 and arg.endswith((".yml", ".yaml")):
+                path = arg
+                continue
+            raise UsageError(f"argument {arg!r} is neither a config file (first, .yml) nor key=value")
+        key, raw = arg.split("=", 1)
+        if not key:
+            raise UsageError(f"argument {arg!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(overrides, key, value)
+    return path, overrides
+
+
+def load_config(args: list[str]) -> TrainConfig:
+    path, overrides = parse_overrides(args)
+    base = _read_yaml(os.path.join(CONFIG_DIR, "base.yml"))
+    user = _read_yaml(path) if path else {}
+    head = _merge(_merge(base, user), overrides)
+    model_name = head.get("model_name", "tiny")
+    preset_path = os.path.join(CONFIG_DIR, "models", f"{model_name}.yml")
+    if not os.path.exists(preset_path):
+        known = sorted(f[:-4] for f in os.listdir(os.path.join(CONFIG_DIR, "models")) if f.endswith(".yml"))
+        raise UsageError(f"model_name: unknown preset {model_name!r} (known: {', '.join(known)})")
+    preset = _read_yaml(preset_path)
+    if "placeholder" in preset:
+        raise UsageError(f"model_name: preset {model_name!r} is a placeholder: {preset['placeholder']}")
+    merged = _merge(_merge(_merge(base, preset), user), overrides)
+    try:
+        return from_dict(TrainConfig, merged)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def config_fingerprint(cfg: TrainConfig) -> dict:
+    """What a checkpoint must agree with to be resumed: model shape, tokenizer, batch geometry."""
+    return json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "tokenizer": cfg.data.tokenizer,
+                                  "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}))

@@ -1,0 +1,139 @@
+"""The machinery behind train.py: jitted steps over split NNX state, evaluation, throughput and MFU."""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ultramem_jax import tdqkr
+from ultramem_jax.optim import make_optimizer
+from ultramem_jax.params import param_counts
+from ultramem_jax.stats import rows_hit
+from ultramem_jax.transformer import create_model, lm_loss
+
+
+def build(cfg, mesh, rules):
+    """Model and optimizer, created sharded under the mesh; returns graphdefs and states."""
+    model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(opt)
+    return model_def, model_state, opt_def, opt_state
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sharding):
+    """(model_state, opt_state, usage, tokens) → same, plus metrics.  Runs the once-per-step TDQKR refresh
+    before the forward pass; ``usage`` ORs up which value rows were hit since the last log."""
+
+    def step(model_state, opt_state, usage, tokens):
+        model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
+        model.refresh_tucker()
+        (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+        opt.update(model, grads)
+        usage = [u | rows_hit(info["rows"], u.shape[0]) for u, info in zip(usage, aux["memory"])]
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["tucker_aux_loss"], "grad_norm": optax.global_norm(grads)}
+        if aux["memory"]:
+            metrics["top1_score"] = jnp.stack([i["top1"] for i in aux["memory"]])
+            metrics["topm_score"] = jnp.stack([i["topm"] for i in aux["memory"]])
+        tucker = [m for m in model.memories if m.cfg.retrieval == "tdqkr"]
+        if tucker:  # singular values of each layer's summed core, averaged over heads: (layers, r)
+            metrics["core_sv"] = jnp.stack([tdqkr.core_singular_values(m.cores[...]).mean(0) for m in tucker])
+        return nnx.state(model), nnx.state(opt), usage, metrics
+
+    shard = (_shardings(model_state), _shardings(opt_state), _shardings(usage))
+    return jax.jit(step, in_shardings=(*shard, batch_sharding), out_shardings=(*shard, None),
+                   donate_argnums=(0, 1, 2))
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_eval_step(model_def):
+    def step(model_state, tokens, mask):
+        model = nnx.merge(model_def, model_state)
+        _, (ce, _) = lm_loss(model, tokens, mask)
+        n = mask[:, 1:].sum()
+        return ce * n, n
+
+    return jax.jit(step)
+
+
+def evaluate(eval_step, model_state, batches, to_global) -> tuple[float, int]:
+    """Mean next-token loss over every validation token (masked padding excluded)."""
+    total, count = 0.0, 0
+    for tokens, mask in batches:
+        s, n = eval_step(model_state, to_global(tokens), to_global(mask))
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1), count
+
+
+def new_usage(cfg, mesh):
+    n = cfg.model.resolved_memory.num_values if cfg.model.memory else 0
+    with jax.set_mesh(mesh):
+        return [jnp.zeros((n,), jnp.bool_) for _ in range(cfg.model.num_memory_layers)]
+
+
+# ---- throughput --------------------------------------------------------------------------------------------
+
+KNOWN_PEAK_TFLOPS = {  # dense bf16 per chip
+    "tpu v4": 275, "tpu v5 lite": 197, "tpu v5e": 197, "tpu v5p": 459, "tpu v5": 459, "tpu v6 lite": 918,
+    "tpu v6e": 918, "tpu7x": 2307, "h100": 989, "h200": 989, "a100": 312, "b200": 2250, "l4": 121,
+}
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
+    """(FLOP/s, how it was obtained). CPUs have no spec sheet here: a timed f32 matmul stands in."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "config"
+    kind = jax.devices()[0].device_kind.lower()
+    for name, tflops in KNOWN_PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12, kind
+    x = jnp.ones((1024, 1024), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    t, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        y = f(x)
+    y.block_until_ready()
+    n_dev = max(1, len(jax.devices()))
+    return 2 * 1024 ** 3 * reps / (time.perf_counter() - t) / n_dev, "measured matmul"
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+    """6·(activated non-embedding params) + attention scores (12·L·S·D): the usual MFU convention."""
+    counts = param_counts(model_cfg)
+    return 6 * (counts["activated_per_token"] - model_cfg.d_model) + \
+        12 * model_cfg.num_layers * seq_len * model_cfg.d_model
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def to_float_dict(metrics) -> dict:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        if v.ndim == 0:
+            out[k] = float(v)
+        elif v.ndim == 1:
+            out.update({f"mem{i}/{k}": float(x) for i, x in enumerate(v)})
+        else:  # (layers, r): one series per singular value
+            out.update({f"mem{i}/{k}{j + 1}": float(x) for i, row in enumerate(v) for j, x in enumerate(row)})
+    return out

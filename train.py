@@ -19,7 +19,7 @@ import numpy as np
 from ultramem_jax import data, training
 from ultramem_jax.checkpointing import Checkpointer, abstract_like
 from ultramem_jax.errors import UsageError
-from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh
+from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
 from ultramem_jax.metrics import MetricsLogger
 from ultramem_jax.optim import lr_schedule
 from ultramem_jax.train_config import config_fingerprint, load_config
@@ -44,6 +44,8 @@ def ensure_writable(path: str):
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("ULTRAMEM_CPU_DEVICES"):  # e.g. 8: try sharding layouts on one CPU
+        jax.config.update("jax_num_cpu_devices", int(os.environ["ULTRAMEM_CPU_DEVICES"]))
     cfg = load_config(argv)
     if cfg.distributed == "on" or (cfg.distributed == "auto" and any(v in os.environ for v in CLUSTER_ENV)):
         jax.distributed.initialize()  # coordinator and process ids come from the TPU / SLURM environment
@@ -51,6 +53,7 @@ def main(argv: list[str]) -> int:
     ensure_writable(cfg.output_dir)
     mesh = make_mesh(cfg.mesh)
     rules = logical_rules(cfg.logical_axis_rules, mesh)
+    layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
     data_sharding = batch_sharding(mesh, rules)
 
     corpus = data.load_corpus(cfg.data, cfg.output_dir)
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> int:
     fingerprint = config_fingerprint(cfg)
     ckpt.check_compatible(fingerprint)
 
-    model_def, model_state, opt_def, opt_state = training.build(cfg, mesh, rules)
+    model_def, model_state, opt_def, opt_state = training.build(cfg, mesh, rules, layout)
     train_iter = iter(data.train_dataset(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, jax.process_index(),
                                          jax.process_count(), cfg.data.num_threads, cfg.data.prefetch))
     start = 0
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
         start, model_state, opt_state, _ = restored
     usage = training.new_usage(cfg, mesh)
     train_step = training.make_train_step(model_def, opt_def, model_state, opt_state, usage, data_sharding)
-    eval_step = training.make_eval_step(model_def)
+    eval_step = training.make_eval_step(model_def, mesh)
     global_shape = (cfg.batch_size, cfg.seq_len + 1)
     to_train = lambda x: jax.make_array_from_process_local_data(data_sharding, x, global_shape)  # noqa: E731
     to_eval = lambda x: jax.make_array_from_callback(x.shape, data_sharding, lambda i: x[i])  # noqa: E731
@@ -82,7 +85,8 @@ def main(argv: list[str]) -> int:
     peak, peak_source = training.peak_flops_per_device(cfg.peak_tflops)
     n_params = sum(x.size for x in jax.tree.leaves(model_state))
     if is_main:
-        print(f"{cfg.model_name}: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | "
+        print(f"{cfg.model_name}: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | memory layout "
+              f"{layout.kind if layout else 'none'} | "
               f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens | unigram baseline "
               f"{baseline:.4f} nats/token | {'resumed from step ' + str(start) if start else 'fresh start'}")
     stop = {}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax import ive, product_keys, tdqkr
+from ultramem_jax import ive, lookup, product_keys, tdqkr
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import MemoryConfig
 from ultramem_jax.init import norm_weights, value_std
@@ -80,6 +80,7 @@ class UltraMemLayer(nnx.Module):
                                    std=(E * Dv) ** -0.5)
         self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
                             if cfg.shuffle and E > 1 else None)
+        self.layout: lookup.MemoryLayout | None = None  # how the value table is split (set by create_model)
 
     # ---- TDQKR state -------------------------------------------------------------------------------
     def refresh_tucker(self):
@@ -132,18 +133,15 @@ class UltraMemLayer(nnx.Module):
         x_TxD = x_BxSxD.reshape(B * S, D)
         raw_TxHxMxC, slots_TxHxM = self.retrieve(x_TxD)
         scores_TxHxMxC = self._activate(raw_TxHxMxC)
-        perm = None if self.permutation is None else self.permutation[...]
-        blocks, rows = ive.virtual_to_physical(slots_TxHxM, perm, cfg.num_values)
+        # IVE shuffle: id = π(slot) = block·N + row, split again inside the lookup
+        ids_TxHxM = slots_TxHxM if self.permutation is None else jnp.take(self.permutation[...], slots_TxHxM)
         K = cfg.heads * cfg.topk  # all heads' winners pool into the same E blocks (official code)
-        pooled_TxExDv = ive.gather_pool(self.values[...].astype(x_TxD.dtype), rows.reshape(-1, K),
-                                        blocks.reshape(-1, K), scores_TxHxMxC.reshape(-1, K, cfg.cores),
-                                        cfg.expansion)
-        if cfg.output_proj:
-            out_TxD = jnp.einsum("tev,evd->td", pooled_TxExDv, self.out_proj[...].astype(x_TxD.dtype))
-        else:
-            out_TxD = pooled_TxExDv[:, 0]
+        ids_TxK = ids_TxHxM.reshape(-1, K)
+        out_proj = self.out_proj[...] if cfg.output_proj else None
+        out_TxD = lookup.memory_lookup(self.layout, self.values[...].astype(x_TxD.dtype), out_proj, ids_TxK,
+                                       scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion)
         selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by
-        info = {"rows": rows.reshape(-1, K), "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
+        info = {"rows": ids_TxK % cfg.num_values, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
         return out_TxD.reshape(B, S, D), info
 
 

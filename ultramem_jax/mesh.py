@@ -49,3 +49,55 @@ def logical_rules(rules_cfg: list, mesh: jax.sharding.Mesh) -> list[tuple[str, o
 
 def batch_sharding(mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, P(dict(rules)[BATCH], None))
+
+
+def memory_layout(layout_cfg: dict, mesh, rules, model_cfg, batch_size: int, min_col_width: int = 1):
+    """Validates the ``memory_layout`` config against the mesh and the shapes.
+
+    Returns the ``lookup.MemoryLayout`` (None without memory layers) and the rules with the value table's
+    logical axes (value_rows, value_dim) mapped to the layout's axes, so parameters are created where the
+    lookup expects them.  Problems raise UsageError naming the key.
+    """
+    from ultramem_jax.lookup import MemoryLayout
+
+    unknown = set(layout_cfg) - {"rows", "cols"}
+    if unknown:
+        raise UsageError(f"memory_layout.{sorted(unknown)[0]}: unknown key (known: rows, cols)")
+    axes = {}
+    for key in ("rows", "cols"):
+        val = layout_cfg.get(key) or []
+        val = [val] if isinstance(val, str) else list(val)
+        for a in val:
+            if a not in mesh.axis_names:
+                raise UsageError(f"memory_layout.{key}: {a!r} is not a mesh axis ({', '.join(mesh.axis_names)})")
+        axes[key] = tuple(val)
+    if set(axes["rows"]) & set(axes["cols"]):
+        raise UsageError("memory_layout: an axis cannot split both rows and cols")
+    rules = dict(rules)
+    rules[sh.VALUE_ROWS] = axes["rows"] or None
+    rules[sh.VALUE_DIM] = axes["cols"] or None
+    token_axes = rules[BATCH] if isinstance(rules[BATCH], tuple) else ((rules[BATCH],) if rules[BATCH] else ())
+    n_tok = math.prod(mesh.shape[a] for a in token_axes)
+    if batch_size % n_tok:
+        raise UsageError(f"batch_size={batch_size} does not split over the {n_tok} token shards {token_axes}")
+    mem = model_cfg.resolved_memory
+    if mem is None:
+        return None, list(rules.items())
+    n_rows = math.prod(mesh.shape[a] for a in axes["rows"])
+    n_cols = math.prod(mesh.shape[a] for a in axes["cols"])
+    if mem.num_values % n_rows:
+        raise UsageError(f"memory_layout.rows: the {mem.num_values} value rows do not split evenly over "
+                         f"{n_rows} shards {axes['rows']}")
+    if mem.value_dim % n_cols:
+        raise UsageError(f"memory_layout.cols: value_dim={mem.value_dim} does not split evenly over "
+                         f"{n_cols} shards {axes['cols']}")
+    d_loc, core_w = mem.value_dim // n_cols, mem.value_dim // mem.cores
+    if n_cols > 1 and core_w % d_loc and d_loc % core_w:
+        raise UsageError(f"memory_layout.cols: a column slice of {d_loc} straddles the MCS core slices of "
+                         f"{core_w} (cores={mem.cores}); use a shard count that divides or is divided by cores")
+    if n_cols > 1 and d_loc < min_col_width:
+        raise UsageError(f"memory_layout.cols: a column slice of {d_loc} is narrower than the {min_col_width} "
+                         "the lookup kernel needs; use fewer column shards")
+    fix = lambda v: tuple(v) if isinstance(v, tuple) else v  # noqa: E731
+    rules = [(k, fix(v[0] if isinstance(v, tuple) and len(v) == 1 else v)) for k, v in rules.items()]
+    return MemoryLayout(axes["rows"], axes["cols"], token_axes), rules

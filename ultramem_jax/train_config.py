@@ -59,6 +59,8 @@ class TrainConfig:
     distributed: str = "auto"  # auto | on | off: jax.distributed.initialize() for multi-host runs
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     logical_axis_rules: list = dataclasses.field(default_factory=list)  # [[logical, mesh axes], ...]
+    sharding: str = ""  # a layout file (configs/sharding/*.yml) merged over the preset
+    memory_layout: dict[str, list] = dataclasses.field(default_factory=dict)  # {rows: [axes], cols: [axes]}
     peak_tflops: float = 0.0  # per device, for MFU; 0: known accelerators, or a measured matmul on CPU
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -104,7 +106,7 @@ def _read_yaml(path: str) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "mesh" else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -153,7 +155,18 @@ def load_config(args: list[str]) -> TrainConfig:
     preset = _read_yaml(preset_path)
     if "placeholder" in preset:
         raise UsageError(f"model_name: preset {model_name!r} is a placeholder: {preset['placeholder']}")
-    merged = _merge(_merge(_merge(base, preset), user), overrides)
+    layout_path = head.get("sharding") or _merge(base, preset).get("sharding") or ""
+    layout = {}
+    if layout_path:
+        if not os.path.exists(layout_path) and os.path.exists(os.path.join(CONFIG_DIR, "sharding", layout_path)):
+            layout_path = os.path.join(CONFIG_DIR, "sharding", layout_path)
+        layout = _read_yaml(layout_path)
+        bad = set(layout) - {"memory_layout", "logical_axis_rules", "mesh", "description"}
+        if bad:
+            raise UsageError(f"sharding file {layout_path}: unknown key {sorted(bad)[0]!r} "
+                             "(known: memory_layout, logical_axis_rules, mesh, description)")
+        layout.pop("description", None)
+    merged = _merge(_merge(_merge(_merge(base, preset), layout), user), overrides)
     try:
         return from_dict(TrainConfig, merged)
     except ValueError as e:

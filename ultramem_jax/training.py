@@ -6,7 +6,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from ultramem_jax import tdqkr
@@ -16,9 +15,9 @@ from ultramem_jax.stats import rows_hit
 from ultramem_jax.transformer import create_model, lm_loss
 
 
-def build(cfg, mesh, rules):
+def build(cfg, mesh, rules, layout=None):
     """Model and optimizer, created sharded under the mesh; returns graphdefs and states."""
-    model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
+    model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules, layout=layout)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
     model_def, model_state = nnx.split(model)
@@ -26,8 +25,20 @@ def build(cfg, mesh, rules):
     return model_def, model_state, opt_def, opt_state
 
 
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _shardings(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _under_mesh(fn, mesh):
+    """Traces and runs ``fn`` with ``mesh`` as the ambient mesh (the memory lookup's shard_map uses it)."""
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return call
 
 
 def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sharding):
@@ -40,7 +51,7 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
         (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
         opt.update(model, grads)
         usage = [u | rows_hit(info["rows"], u.shape[0]) for u, info in zip(usage, aux["memory"])]
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["tucker_aux_loss"], "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["tucker_aux_loss"], "grad_norm": _global_norm(grads)}
         if aux["memory"]:
             metrics["top1_score"] = jnp.stack([i["top1"] for i in aux["memory"]])
             metrics["topm_score"] = jnp.stack([i["topm"] for i in aux["memory"]])
@@ -50,8 +61,8 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
         return nnx.state(model), nnx.state(opt), usage, metrics
 
     shard = (_shardings(model_state), _shardings(opt_state), _shardings(usage))
-    return jax.jit(step, in_shardings=(*shard, batch_sharding), out_shardings=(*shard, None),
-                   donate_argnums=(0, 1, 2))
+    return _under_mesh(jax.jit(step, in_shardings=(*shard, batch_sharding), out_shardings=(*shard, None),
+                               donate_argnums=(0, 1, 2)), batch_sharding.mesh)
 
 
 @jax.jit
@@ -60,14 +71,14 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_eval_step(model_def):
+def make_eval_step(model_def, mesh):
     def step(model_state, tokens, mask):
         model = nnx.merge(model_def, model_state)
         _, (ce, _) = lm_loss(model, tokens, mask)
         n = mask[:, 1:].sum()
         return ce * n, n
 
-    return jax.jit(step)
+    return _under_mesh(jax.jit(step), mesh)
 
 
 def evaluate(eval_step, model_state, batches, to_global) -> tuple[float, int]:

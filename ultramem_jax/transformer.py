@@ -135,10 +135,14 @@ class TransformerLM(nnx.Module):
             m.refresh_tucker()
 
 
-def create_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> TransformerLM:
-    """Builds the LM; with a mesh, parameters are created sharded by the logical ``rules``."""
+def create_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None, layout=None) -> TransformerLM:
+    """Builds the LM; with a mesh, parameters are created sharded by the logical ``rules``, and ``layout``
+    (a ``lookup.MemoryLayout``) distributes the memory lookup over it."""
     with sh.build_context(mesh, rules):
-        return TransformerLM(cfg, rngs=nnx.Rngs(seed))
+        model = TransformerLM(cfg, rngs=nnx.Rngs(seed))
+    for memory in model.memories:
+        memory.layout = layout
+    return model
 
 
 def lm_loss(model: TransformerLM, tokens_BxS: jax.Array, mask_BxS: jax.Array | None = None):

@@ -1,0 +1,109 @@
+"""The memory lookup (weighted gather → per-block pooling → output projection), local and distributed.
+
+A ``MemoryLayout`` says how the value table V (N × D_v) is split across the mesh, in split / broadcast /
+partial-sum (SBP) terms:
+
+  replicated      V: B         no communication
+  number_wise     V: S(0)      rows over ``row_axes``: each shard reads only the rows it owns (masked gather)
+  dimension_wise  V: S(1)      columns over ``col_axes``: each shard reads its column slice of every row
+  hybrid          V: S(0)S(1)  rows over some axes, columns over others
+
+Every shard computes a partial output P (its rows' or its columns' share, already projected to d_model with
+its slice of W_o), so what crosses the wire per token is D-sized: a ``psum`` over table axes that do not split
+the tokens, and ``all_gather`` of the (small) selected ids and scores then ``psum_scatter`` back over table
+axes that also split the tokens.  The table and the gathered T×m×D_v rows never move.  docs/sharding.md has
+the per-step signatures and byte counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ultramem_jax import ive
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLayout:
+    row_axes: tuple[str, ...] = ()  # mesh axes splitting the value rows (number-wise)
+    col_axes: tuple[str, ...] = ()  # mesh axes splitting the value columns (dimension-wise)
+    token_axes: tuple[str, ...] = ()  # mesh axes splitting the tokens (the activations' batch axes)
+
+    @property
+    def kind(self) -> str:
+        if self.row_axes and self.col_axes:
+            return "hybrid"
+        return "number_wise" if self.row_axes else ("dimension_wise" if self.col_axes else "replicated")
+
+
+def local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values: int, num_blocks: int):
+    """out[t] = Σ_p W_pᵀ Σ_{k: block=p} s_k ⊙ V[row_k], with (block, row) = divmod(ids, N).
+
+    ``out_proj`` None means no projection (PKM with D_v = d_model): the pooled vector is the output.
+    """
+    blocks, rows = ids_TxK // num_values, ids_TxK % num_values
+    pooled_TxExD = ive.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks)
+    if out_proj_ExDxO is None:
+        return pooled_TxExD[:, 0]
+    return jnp.einsum("tev,evd->td", pooled_TxExD, out_proj_ExDxO.astype(pooled_TxExD.dtype))
+
+
+def _spec(axes):
+    return axes if len(axes) > 1 else (axes[0] if axes else None)
+
+
+def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC,
+                  num_values: int, num_blocks: int):
+    """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally."""
+    if layout is None or layout.kind == "replicated":
+        return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks)
+    R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
+    gather_axes = tuple(a for a in B if a in R + C)  # table shards that also hold different tokens
+    sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens
+    d_total, n_cores = values_NxD.shape[1], scores_TxKxC.shape[-1]
+    d_out = out_proj_ExDxO.shape[-1] if out_proj_ExDxO is not None else d_total
+
+    slice_before_gather = not set(gather_axes) & set(C)  # then every gathered token needs the same cores
+
+    def my_cores(scores, d_loc):
+        """The MCS cores whose value slices this column shard holds."""
+        slice_w = d_total // n_cores
+        col0 = jax.lax.axis_index(C) * d_loc
+        return jax.lax.dynamic_slice_in_dim(scores, col0 // slice_w, max(1, d_loc // slice_w), axis=2), col0
+
+    def body(values_loc, out_proj_loc, ids, scores):
+        col0 = 0
+        if C and slice_before_gather:
+            scores, col0 = my_cores(scores, values_loc.shape[1])
+        if gather_axes:  # S(0) tokens → B within the group: ids and scores only, K·(4 + 4C) bytes a token
+            ids = jax.lax.all_gather(ids, gather_axes, axis=0, tiled=True)
+            scores = jax.lax.all_gather(scores, gather_axes, axis=0, tiled=True)
+        if C and not slice_before_gather:
+            scores, col0 = my_cores(scores, values_loc.shape[1])
+        blocks, rows = ids // num_values, ids % num_values
+        if R:  # number-wise: keep the rows this shard owns, zero the others' weights
+            n_loc = values_loc.shape[0]
+            local = rows - jax.lax.axis_index(R) * n_loc
+            mine = (local >= 0) & (local < n_loc)
+            rows = jnp.where(mine, local, 0)
+            scores = jnp.where(mine[..., None], scores, 0)
+        pooled = ive.gather_pool(values_loc, rows, blocks, scores, num_blocks)  # T × E × D_loc
+        if out_proj_loc is not None:
+            out = jnp.einsum("tev,evd->td", pooled, out_proj_loc.astype(pooled.dtype))  # partial sum P
+        else:  # no projection: place the column slice in a D-wide partial sum
+            out = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((pooled.shape[0], d_out), pooled.dtype),
+                                                      pooled[:, 0], col0, axis=1)
+        if gather_axes:  # P → S(0) over the group's tokens
+            out = jax.lax.psum_scatter(out, gather_axes, scatter_dimension=0, tiled=True)
+        if sum_axes:  # P → B
+            out = jax.lax.psum(out, sum_axes)
+        return out
+
+    tok = P(_spec(B), None)
+    in_specs = (P(_spec(R), _spec(C)), None if out_proj_ExDxO is None else P(None, _spec(C), None), tok,
+                P(_spec(B), None, None))
+    # check_vma=False: Pallas kernels (the local gather-pool on accelerators) do not carry vma types.
+    return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
+        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC)

@@ -49,6 +49,18 @@ def ckpt_steps(out):
     return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
 
 
+def start_until_step(cmd, out, step, timeout=300):
+    """Starts a training process and returns it once its metrics show ``step`` done."""
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and max(losses(out)[0] or [0]) >= step:
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"training never reached step {step}")
+
+
 def snapshot(path):
     return sorted((os.path.relpath(os.path.join(r, f), path), os.path.getmtime(os.path.join(r, f)),
                    os.path.getsize(os.path.join(r, f))) for r, _, fs in os.walk(path) for f in fs)
@@ -65,13 +77,7 @@ def reference_run(tmp_path_factory, corpus):
 
 def test_kill_9_then_resume_gives_bitwise_identical_losses(tmp_path, corpus, reference_run):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"), env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if os.path.exists(os.path.join(out, "metrics.jsonl")) and max(losses(out)[0] or [0]) >= 23:
-            break
-        time.sleep(0.05)
+    proc = start_until_step(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"), out, 23)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt_steps(out), "no checkpoint was written before the kill"
@@ -124,13 +130,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, corpus):
 
 def test_sigterm_saves_a_checkpoint(tmp_path, corpus):
     out = str(tmp_path / "term")
-    proc = subprocess.Popen(train_cmd(out, corpus, "steps=100000", "checkpoint_every=0"), env=ENV, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if os.path.exists(os.path.join(out, "metrics.jsonl")) and max(losses(out)[0] or [0]) >= 3:
-            break
-        time.sleep(0.05)
+    proc = start_until_step(train_cmd(out, corpus, "steps=100000", "checkpoint_every=0"), out, 3)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM

@@ -22,6 +22,7 @@ from ultramem_jax.errors import UsageError
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
 from ultramem_jax.metrics import MetricsLogger
 from ultramem_jax.optim import lr_schedule
+from ultramem_jax.params import param_counts
 from ultramem_jax.train_config import config_fingerprint, load_config
 
 CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -83,9 +84,10 @@ def main(argv: list[str]) -> int:
     logger = MetricsLogger(cfg.output_dir, start, enabled=is_main)
     flops_per_token = training.train_flops_per_token(cfg.model, cfg.seq_len)
     peak, peak_source = training.peak_flops_per_device(cfg.peak_tflops)
-    n_params = sum(x.size for x in jax.tree.leaves(model_state))
+    counts = param_counts(cfg.model)
     if is_main:
-        print(f"{cfg.model_name}: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | memory layout "
+        print(f"{cfg.model_name}: {counts['total'] / 1e6:.2f}M parameters "
+              f"({counts['activated_per_token'] / 1e6:.2f}M activated per token) | mesh {dict(mesh.shape)} | memory layout "
               f"{layout.kind if layout else 'none'} | "
               f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens | unigram baseline "
               f"{baseline:.4f} nats/token | {'resumed from step ' + str(start) if start else 'fresh start'}")

@@ -83,18 +83,16 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
         if C and not slice_before_gather:
             scores, col0 = my_cores(scores, values_loc.shape[1])
         blocks, rows = ids // num_values, ids % num_values
+        n_loc = values_loc.shape[0]
         if R:  # number-wise: keep the rows this shard owns, zero the others' weights
-            n_loc = values_loc.shape[0]
             local = rows - jax.lax.axis_index(R) * n_loc
             mine = (local >= 0) & (local < n_loc)
             rows = jnp.where(mine, local, 0)
             scores = jnp.where(mine[..., None], scores, 0)
-        pooled = ive.gather_pool(values_loc, rows, blocks, scores, num_blocks)  # T × E × D_loc
-        if out_proj_loc is not None:
-            out = jnp.einsum("tev,evd->td", pooled, out_proj_loc.astype(pooled.dtype))  # partial sum P
-        else:  # no projection: place the column slice in a D-wide partial sum
-            out = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((pooled.shape[0], d_out), pooled.dtype),
-                                                      pooled[:, 0], col0, axis=1)
+        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks)
+        if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
+            zeros = jnp.zeros((out.shape[0], d_out), out.dtype)
+            out = jax.lax.dynamic_update_slice_in_dim(zeros, out, col0, axis=1)
         if gather_axes:  # P → S(0) over the group's tokens
             out = jax.lax.psum_scatter(out, gather_axes, scatter_dimension=0, tiled=True)
         if sum_axes:  # P → B

@@ -78,8 +78,6 @@ def main(argv: list[str]) -> int:
     eval_step = training.make_eval_step(model_def, mesh)
     global_shape = (cfg.batch_size, cfg.seq_len + 1)
     to_train = lambda x: jax.make_array_from_process_local_data(data_sharding, x, global_shape)  # noqa: E731
-    to_eval = lambda x: jax.make_array_from_callback(x.shape, data_sharding, lambda i: x[i])  # noqa: E731
-    val_batches = lambda: data.val_batches(corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)  # noqa: E731
 
     logger = MetricsLogger(cfg.output_dir, start, enabled=is_main)
     flops_per_token = training.train_flops_per_token(cfg.model, cfg.seq_len)
@@ -125,7 +123,7 @@ def main(argv: list[str]) -> int:
         window.update(t=time.perf_counter(), steps=0)
 
     def run_eval(step):
-        loss, count = training.evaluate(eval_step, model_state, val_batches(), to_eval)
+        loss, count = training.validation_loss(eval_step, model_state, corpus.val, cfg, data_sharding)
         logger.write(step, {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": count}, "eval")
         if is_main:
             print(f"eval   {step:>6} | val_loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ultramem_jax import MemoryConfig, ModelConfig, lookup, training
 from ultramem_jax.checkpointing import abstract_like

@@ -56,11 +56,9 @@ def load_run(run_dir: str, step: int | None, overrides: list[str], devices=None)
 
 
 def validation_loss(cfg, model, mesh, rules, corpus) -> tuple[float, int]:
-    sharding = batch_sharding(mesh, rules)
     model_def, model_state = nnx.split(model)
-    to_global = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])  # noqa: E731
-    batches = data.val_batches(corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-    return training.evaluate(training.make_eval_step(model_def, mesh), model_state, batches, to_global)
+    return training.validation_loss(training.make_eval_step(model_def, mesh), model_state, corpus.val, cfg,
+                                    batch_sharding(mesh, rules))
 
 
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,

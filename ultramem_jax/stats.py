@@ -41,13 +41,17 @@ def score_stats(mem_info: list[dict]) -> dict[str, float]:
     return out
 
 
+def mean_core_singular_values(memories) -> jax.Array | None:
+    """(layers, r): singular values of each TDQKR layer's summed Tucker core, averaged over heads (jittable)."""
+    tucker = [m for m in memories if m.cfg.retrieval == "tdqkr"]
+    if not tucker:
+        return None
+    return jnp.stack([tdqkr.core_singular_values(m.cores[...]).mean(axis=0) for m in tucker])
+
+
 def core_spectra(model) -> dict[str, float]:
-    """Singular values of each memory layer's summed Tucker core, averaged over heads."""
-    out = {}
-    for k, mem in enumerate(model.memories):
-        if mem.cfg.retrieval != "tdqkr":
-            continue
-        lam = np.asarray(tdqkr.core_singular_values(mem.cores[...])).mean(axis=0)
-        for i, v in enumerate(lam):
-            out[f"mem{k}/core_sv{i + 1}"] = float(v)
-    return out
+    """The same, as named floats for logging: ``mem{k}/core_sv{i}``."""
+    spectra = mean_core_singular_values(model.memories)
+    if spectra is None:
+        return {}
+    return {f"mem{k}/core_sv{i + 1}": float(v) for k, row in enumerate(np.asarray(spectra)) for i, v in enumerate(row)}

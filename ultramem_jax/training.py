@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ultramem_jax import tdqkr
+from ultramem_jax import data
 from ultramem_jax.optim import make_optimizer
 from ultramem_jax.params import param_counts
-from ultramem_jax.stats import rows_hit
+from ultramem_jax.stats import mean_core_singular_values, rows_hit
 from ultramem_jax.transformer import create_model, lm_loss
 
 
@@ -55,9 +55,9 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
         if aux["memory"]:
             metrics["top1_score"] = jnp.stack([i["top1"] for i in aux["memory"]])
             metrics["topm_score"] = jnp.stack([i["topm"] for i in aux["memory"]])
-        tucker = [m for m in model.memories if m.cfg.retrieval == "tdqkr"]
-        if tucker:  # singular values of each layer's summed core, averaged over heads: (layers, r)
-            metrics["core_sv"] = jnp.stack([tdqkr.core_singular_values(m.cores[...]).mean(0) for m in tucker])
+        spectra = mean_core_singular_values(model.memories)
+        if spectra is not None:
+            metrics["core_sv"] = spectra
         return nnx.state(model), nnx.state(opt), usage, metrics
 
     shard = (_shardings(model_state), _shardings(opt_state), _shardings(usage))
@@ -81,10 +81,14 @@ def make_eval_step(model_def, mesh):
     return _under_mesh(jax.jit(step), mesh)
 
 
-def evaluate(eval_step, model_state, batches, to_global) -> tuple[float, int]:
-    """Mean next-token loss over every validation token (masked padding excluded)."""
+def validation_loss(eval_step, model_state, val_stream, cfg, sharding) -> tuple[float, int]:
+    """Mean next-token loss over every validation token of ``cfg``'s batches (padding masked out).
+
+    train.py's periodic eval and ``python -m ultramem_jax.eval`` both call this, so they agree exactly.
+    """
+    to_global = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])  # noqa: E731
     total, count = 0.0, 0
-    for tokens, mask in batches:
+    for tokens, mask in data.val_batches(val_stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches):
         s, n = eval_step(model_state, to_global(tokens), to_global(mask))
         total, count = total + float(s), count + int(n)
     return total / max(count, 1), count

@@ -202,3 +202,35 @@ def test_column_slice_narrower_than_the_kernel_needs_fails():
                             memory=MemoryConfig(num_keys=8, value_dim=64, topk=2), memory_placement="0:1")
     with pytest.raises(UsageError, match="narrower than the 128"):
         memory_layout({"cols": ["tensor"]}, mesh, logical_rules([], mesh), model_cfg, 8, min_col_width=128)
+
+
+@pytest.mark.parametrize("name", ["number_wise", "dimension_wise", "hybrid"])
+def test_layout_without_output_projection_matches_single_device(rng, name):
+    """PKM reads values of width d_model with no projection: column shards fill their slice of D."""
+    mesh = make_mesh(MESHES[1])
+    N, D, T, K = 64, 16, 32, 12
+    values = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, N, (T, K)), jnp.int32)
+    scores = jnp.asarray(rng.standard_normal((T, K, 1)), jnp.float32)
+    model_cfg = ModelConfig(vocab_size=16, d_model=D, num_layers=2, num_heads=2,
+                            memory=MemoryConfig.pkm(num_keys=8, topk=2), memory_placement="0:1")
+    layout, rules = memory_layout(LAYOUTS[name], mesh, logical_rules([], mesh), model_cfg, T)
+    r = dict(rules)
+    tok = batch_sharding(mesh, rules).spec[0]
+    args = (jax.device_put(values, NamedSharding(mesh, P(r["value_rows"], r["value_dim"]))),
+            jax.device_put(ids, NamedSharding(mesh, P(tok, None))),
+            jax.device_put(scores, NamedSharding(mesh, P(tok, None, None))))
+
+    def loss(lookup_fn, v, i, s):
+        out = lookup_fn(v, None, i, s, N, 1)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape))), out
+
+    with jax.set_mesh(mesh):
+        (_, out), grads = jax.jit(jax.value_and_grad(
+            lambda v, i, s: loss(lambda *a: lookup.memory_lookup(layout, *a), v, i, s),
+            argnums=(0, 2), has_aux=True))(*args)
+    (_, want), want_grads = jax.value_and_grad(lambda v, s: loss(lookup.local_lookup, v, ids, s),
+                                               argnums=(0, 1), has_aux=True)(values, scores)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), **TOL)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL)

@@ -2,7 +2,10 @@ import os
 
 # 8 fake CPU devices for the sharding tests; must be set before jax initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU unless asked otherwise (ULTRAMEM_TEST_ACCELERATOR=1 pytest -m gpu_only); also keeps an installed libtpu
+# (used only to compile kernels for TPU topologies) from probing for a TPU.
+if not os.environ.get("ULTRAMEM_TEST_ACCELERATOR"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ultramem_jax import ive
+from ultramem_jax import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +38,15 @@ class MemoryLayout:
         return "number_wise" if self.row_axes else ("dimension_wise" if self.col_axes else "replicated")
 
 
-def local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values: int, num_blocks: int):
+def local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values: int, num_blocks: int,
+                 impl: str = "xla"):
     """out[t] = Σ_p W_pᵀ Σ_{k: block=p} s_k ⊙ V[row_k], with (block, row) = divmod(ids, N).
 
     ``out_proj`` None means no projection (PKM with D_v = d_model): the pooled vector is the output.
+    ``impl`` picks the gather-pool implementation (``kernels.resolve``).
     """
     blocks, rows = ids_TxK // num_values, ids_TxK % num_values
-    pooled_TxExD = ive.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks)
+    pooled_TxExD = kernels.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks, impl)
     if out_proj_ExDxO is None:
         return pooled_TxExD[:, 0]
     return jnp.einsum("tev,evd->td", pooled_TxExD, out_proj_ExDxO.astype(pooled_TxExD.dtype))
@@ -55,10 +57,10 @@ def _spec(axes):
 
 
 def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC,
-                  num_values: int, num_blocks: int):
+                  num_values: int, num_blocks: int, impl: str = "xla"):
     """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally."""
     if layout is None or layout.kind == "replicated":
-        return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks)
+        return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl)
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
     gather_axes = tuple(a for a in B if a in R + C)  # table shards that also hold different tokens
     sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens
@@ -89,7 +91,7 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             mine = (local >= 0) & (local < n_loc)
             rows = jnp.where(mine, local, 0)
             scores = jnp.where(mine[..., None], scores, 0)
-        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks)
+        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl)
         if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
             zeros = jnp.zeros((out.shape[0], d_out), out.dtype)
             out = jax.lax.dynamic_update_slice_in_dim(zeros, out, col0, axis=1)

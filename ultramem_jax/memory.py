@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax import ive, lookup, product_keys, tdqkr
+from ultramem_jax import ive, kernels, lookup, tdqkr
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import MemoryConfig
 from ultramem_jax.init import norm_weights, value_std
@@ -81,6 +81,7 @@ class UltraMemLayer(nnx.Module):
         self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
                             if cfg.shuffle and E > 1 else None)
         self.layout: lookup.MemoryLayout | None = None  # how the value table is split (set by create_model)
+        self.impl = kernels.resolve(cfg.kernels)  # XLA ops or Pallas kernels, for this platform
 
     # ---- TDQKR state -------------------------------------------------------------------------------
     def refresh_tucker(self):
@@ -111,13 +112,12 @@ class UltraMemLayer(nnx.Module):
             keys = _rms_normalize(jnp.moveaxis(keys, 3, -1)) * self.key_norm[...].astype(q.dtype)
             keys = jnp.moveaxis(keys, -1, 3)
         q_TxHx2xD = jnp.broadcast_to(q_TxQx2xD, (T, cfg.heads, 2, cfg.key_dim))
-        s_row = tdqkr.rank_key_scores(q_TxHx2xD[:, :, 0], keys[:, 0])
-        s_col = tdqkr.rank_key_scores(q_TxHx2xD[:, :, 1], keys[:, 1])
         if cfg.retrieval == "tdqkr":
-            return tdqkr.tdqkr_topk(s_row, s_col, self.cores[...].astype(s_row.dtype), self.tucker_u[...],
-                                    self.tucker_t[...], cfg.m_pre, cfg.topk)
-        scores, slots = product_keys.product_key_topk(s_row[:, :, 0], s_col[:, :, 0], cfg.m_pre, cfg.topk)
-        return scores[..., None], slots
+            cores, u, t = self.cores[...].astype(q.dtype), self.tucker_u[...], self.tucker_t[...]
+        else:
+            cores = u = t = None
+        return kernels.search(q_TxHx2xD[:, :, 0], q_TxHx2xD[:, :, 1], keys[:, 0], keys[:, 1], cores, u, t,
+                              cfg.m_pre, cfg.topk, cfg.retrieval == "product_key", self.impl)
 
     def _activate(self, scores_TxHxMxC):
         if self.cfg.score_activation == "softmax":  # PKM: normalise over each head's m winners
@@ -138,8 +138,10 @@ class UltraMemLayer(nnx.Module):
         K = cfg.heads * cfg.topk  # all heads' winners pool into the same E blocks (official code)
         ids_TxK = ids_TxHxM.reshape(-1, K)
         out_proj = self.out_proj[...] if cfg.output_proj else None
-        out_TxD = lookup.memory_lookup(self.layout, self.values[...].astype(x_TxD.dtype), out_proj, ids_TxK,
-                                       scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion)
+        # the table goes in uncast: the lookup casts only the rows it reads to the scores' dtype
+        out_TxD = lookup.memory_lookup(self.layout, self.values[...], out_proj, ids_TxK,
+                                       scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion,
+                                       impl=self.impl)
         selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by
         info = {"rows": ids_TxK % cfg.num_values, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
         return out_TxD.reshape(B, S, D), info

@@ -1,0 +1,69 @@
+"""Which implementation runs the memory layer's two hot ops: the XLA reference or a Pallas kernel.
+
+``memory.kernels`` in the config:
+  xla     the reference ops (``key_search.search``, ``ive.gather_pool``) everywhere;
+  pallas  the Pallas kernels: Mosaic on TPU, Triton on GPU, and the TPU kernels in interpret mode on CPU
+          (slow; for testing the kernel path end to end);
+  auto    the kernels on TPU and GPU, XLA on CPU (where interpret mode would only be slower).
+
+On GPU the kernels use Pallas' Triton backend, deprecated since jax 0.11: where a jax release no longer has
+it, ``auto`` falls back to XLA and ``pallas`` fails with that reason.
+"""
+from __future__ import annotations
+
+import jax
+
+from ultramem_jax import ive, key_search
+
+IMPLS = ("xla", "tpu", "gpu", "interpret")
+
+
+def triton_available() -> bool:
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(choice: str, platform: str | None = None) -> str:
+    """``kernels`` config value → one of IMPLS for ``platform`` (default: jax's default backend)."""
+    if choice not in ("xla", "pallas", "auto"):
+        raise ValueError(f"memory.kernels: must be one of ['xla', 'pallas', 'auto'], got {choice!r}")
+    platform = platform or jax.default_backend()
+    if choice == "xla":
+        return "xla"
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        if triton_available():
+            return "gpu"
+        if choice == "pallas":
+            raise ValueError("memory.kernels: pallas on GPU needs jax.experimental.pallas.triton, which this jax "
+                             f"({jax.__version__}) does not have; use kernels: xla")
+        return "xla"
+    return "interpret" if choice == "pallas" else "xla"
+
+
+def _backend(impl: str) -> tuple[str, bool]:
+    return ("gpu", False) if impl == "gpu" else ("tpu", impl == "interpret")
+
+
+def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int, impl: str = "xla"):
+    """``ive.gather_pool`` by ``impl``.  The TPU kernel DMAs 32-bit rows; other tables take the XLA path."""
+    if impl == "xla" or (impl in ("tpu", "interpret") and values_NxD.dtype.itemsize != 4):
+        return ive.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks)
+    from pallas_kernels import gather_pool as kernel
+    backend, interpret = _backend(impl)
+    return kernel.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, backend, interpret)
+
+
+def search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect: int, topk: int, additive: bool,
+           impl: str = "xla"):
+    """``key_search.search`` by ``impl``."""
+    if impl == "xla":
+        return key_search.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive)
+    from pallas_kernels import key_search as kernel
+    backend, interpret = _backend(impl)
+    return kernel.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive, backend,
+                         interpret)

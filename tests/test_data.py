@@ -112,3 +112,23 @@ def test_bad_data_inputs_fail_clearly(tmp_path):
 def test_kjv_demo_corpus_is_found():
     docs = data.kjv_documents()
     assert len(docs) == 1189 and docs[0].startswith("Genesis 1\nIn the beginning")
+
+
+def test_gzip_and_dictzip_text_and_decode_errors(tmp_path):
+    import gzip
+    docs = ["first entry \u00e9", "second entry", "third"]
+    raw = "\n\n".join(docs).encode() + b"\n\nbad byte \x92 here"
+    for suffix in (".txt.gz", ".dict.dz"):
+        path = tmp_path / f"corpus{suffix}"
+        with gzip.open(path, "wb") as fh:
+            fh.write(raw)
+        with pytest.raises(UsageError, match="not UTF-8.*decode_errors=replace"):
+            data.file_documents([str(path)], "auto", "text")
+        got = data.file_documents([str(path)], "auto", "text", errors="replace")
+        assert got[:3] == docs and got[3] == "bad byte \ufffd here"
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(b"not gzip at all")
+    with pytest.raises(UsageError, match="not a valid gzip file"):
+        data.file_documents([str(broken)], "auto", "text")
+    with pytest.raises(ValueError, match="data.decode_errors"):
+        DataConfig(decode_errors="ignore")

@@ -144,7 +144,6 @@ def test_sigterm_saves_a_checkpoint(tmp_path, corpus):
     (["model_name=nope"], "model_name: unknown preset 'nope'"),
     (["model.memory.expansion=3"], "model.memory.expansion: must be a perfect square"),
     (["data.dataset=/nonexistent/file.txt"], "file not found: /nonexistent/file.txt"),
-    (["model_name=moe-151m-2in32"], "is a placeholder"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, corpus, args, message):
     out = str(tmp_path / "bad")

@@ -49,6 +49,7 @@ class MemoryConfig:
     aux_tau: float = 0.15
     aux_reduction: Literal["paper", "code"] = "paper"  # sum over heads | mean over heads
     seed: int = 0  # seeds the IVE permutation (a buffer, not a parameter)
+    kernels: Literal["xla", "pallas", "auto"] = "auto"  # search + gather: XLA ops or Pallas kernels (kernels.py)
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -100,6 +101,8 @@ class MemoryConfig:
             _fail(f("kind"), "pkm means product_key retrieval without value expansion (expansion=1)")
         if c.aux_alpha < 0:
             _fail(f("aux_alpha"), f"must be >= 0, got {c.aux_alpha}")
+        if c.kernels not in ("xla", "pallas", "auto"):
+            _fail(f("kernels"), f"must be one of ['xla', 'pallas', 'auto'], got {c.kernels!r}")
         if c.preselect is not None and c.preselect < 1:
             _fail(f("preselect"), f"must be a positive integer, got {c.preselect}")
 
@@ -111,6 +114,29 @@ class MemoryConfig:
                     share_query=False, qk_norm=False, score_activation="softmax", output_proj=False,
                     value_init="pkm", aux_loss=False)
         return cls(**{**base, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MoE baseline's FFN (moe.py): every block's SwiGLU becomes X routed experts, k used per token."""
+
+    num_experts: int = 8  # X
+    top_k: int = 2  # k experts per token
+    expert_mlp_dim: int | None = None  # SwiGLU inner width of one expert; None: the dense model's mlp_dim
+    balance_weight: float = 0.01  # weight of the load-balancing loss
+    normalize_top_k: bool = False  # renormalise the k routing weights to sum to 1 (Mixtral) or not (OLMoE)
+
+    def validate(self, prefix: str = "moe") -> None:
+        for name in ("num_experts", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{prefix}.{name}: must be a positive integer, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"{prefix}.top_k: {self.top_k} is more than num_experts={self.num_experts}")
+        if self.expert_mlp_dim is not None and (not isinstance(self.expert_mlp_dim, int) or self.expert_mlp_dim < 1):
+            raise ValueError(f"{prefix}.expert_mlp_dim: must be a positive integer, got {self.expert_mlp_dim!r}")
+        if self.balance_weight < 0:
+            raise ValueError(f"{prefix}.balance_weight: must be >= 0, got {self.balance_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +155,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation dtype; params stay float32
     memory: MemoryConfig | None = None
     memory_placement: str = ""  # "x1:y1/x2:y2": memory reads block x's pre-FFN hidden, adds after block y
+    moe: MoEConfig | None = None  # routed experts in place of every block's FFN (the MoE baseline)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -162,6 +189,8 @@ class ModelConfig:
             if not placement:
                 _fail("memory_placement", "a memory config is given but no memory layer is placed (e.g. '1:2')")
             self.memory.validate(self.d_model)
+        if self.moe is not None:
+            self.moe.validate()
 
     @property
     def num_memory_layers(self) -> int:

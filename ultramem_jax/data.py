@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import importlib.util
 import json
 import os
@@ -65,12 +66,16 @@ def expand_files(spec: str) -> list[str]:
     return files
 
 
-def file_documents(files: list[str], fmt: str, field: str) -> list[str]:
+def file_documents(files: list[str], fmt: str, field: str, errors: str = "strict") -> list[str]:
+    """``errors``: 'strict' rejects bytes that are not UTF-8; 'replace' turns them into U+FFFD."""
     docs = []
     for path in files:
-        kind = fmt if fmt != "auto" else ("jsonl" if path.endswith((".jsonl", ".json")) else "text")
+        compressed = path.endswith((".gz", ".dz"))  # .dz: dictzip (dictd's gzip-compatible format)
+        plain = path[:-3] if compressed else path
+        kind = fmt if fmt != "auto" else ("jsonl" if plain.endswith((".jsonl", ".json")) else "text")
         try:
-            with open(path, encoding="utf-8") as f:
+            with (gzip.open(path, "rt", encoding="utf-8", errors=errors) if compressed
+                  else open(path, encoding="utf-8", errors=errors)) as f:
                 if kind == "jsonl":
                     for n, line in enumerate(f, 1):
                         if not line.strip():
@@ -85,7 +90,9 @@ def file_documents(files: list[str], fmt: str, field: str) -> list[str]:
                 else:
                     docs.extend(p for p in f.read().split("\n\n") if p.strip())
         except UnicodeDecodeError:
-            raise UsageError(f"{path}: not UTF-8 text") from None
+            raise UsageError(f"{path}: not UTF-8 text (data.decode_errors=replace reads it anyway)") from None
+        except (gzip.BadGzipFile, EOFError):
+            raise UsageError(f"{path}: not a valid gzip file") from None
         except OSError as e:
             raise UsageError(f"{path}: cannot read ({e.strerror})") from None
     docs = [d for d in docs if d.strip()]
@@ -175,7 +182,7 @@ def load_corpus(data_cfg, output_dir: str | None = None) -> Corpus:
     if data_cfg.format == "prepared" or (os.path.isdir(spec) and os.path.isfile(os.path.join(spec, PREPARED_META))):
         return load_prepared(spec)
     docs = kjv_documents() if spec == "kjv" else file_documents(expand_files(spec), data_cfg.format,
-                                                                  data_cfg.jsonl_field)
+                                                                  data_cfg.jsonl_field, data_cfg.decode_errors)
     train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
     if data_cfg.tokenizer == "bpe":
         saved = os.path.join(output_dir, "tokenizer.json") if output_dir else None
@@ -206,13 +213,13 @@ def load_prepared(directory: str) -> Corpus:
 
 def prepare(inputs: str, output: str, tokenizer_spec: str = "byte", fmt: str = "auto", field: str = "text",
             val_fraction: float = 0.02, bpe_vocab_size: int = 4096, chunk_len: int = 65536,
-            shard_tokens: int = 64 << 20) -> dict:
+            shard_tokens: int = 64 << 20, decode_errors: str = "strict") -> dict:
     """Tokenises a corpus into ArrayRecord shards (train-*, val-*) plus meta.json and the tokenizer."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if os.path.exists(os.path.join(output, PREPARED_META)):
         raise UsageError(f"{output} already holds a prepared dataset; choose another --output")
-    docs = kjv_documents() if inputs == "kjv" else file_documents(expand_files(inputs), fmt, field)
+    docs = kjv_documents() if inputs == "kjv" else file_documents(expand_files(inputs), fmt, field, decode_errors)
     train_docs, val_docs = split_documents(docs, val_fraction)
     if tokenizer_spec == "bpe":
         tokenizer = BPETokenizer.train(train_docs, bpe_vocab_size)
@@ -284,17 +291,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ultramem_jax.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare", help="tokenise a corpus into ArrayRecord shards")
-    q.add_argument("--input", required=True, help="'kjv', or files/globs, comma-separated (.txt, .jsonl)")
+    q.add_argument("--input", required=True, help="'kjv', or files/globs, comma-separated (.txt, .jsonl, optionally .gz/.dz)")
     q.add_argument("--output", required=True, help="a new directory")
     q.add_argument("--tokenizer", default="byte", help="byte | bpe | path/to/tokenizer.json")
     q.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"])
     q.add_argument("--jsonl-field", default="text")
     q.add_argument("--val-fraction", type=float, default=0.02)
     q.add_argument("--bpe-vocab-size", type=int, default=4096)
+    q.add_argument("--decode-errors", default="strict", choices=["strict", "replace"],
+                   help="non-UTF-8 bytes: an error (strict) or U+FFFD (replace)")
     args = p.parse_args(argv)
     try:
         meta = prepare(args.input, args.output, args.tokenizer, args.format, args.jsonl_field, args.val_fraction,
-                       args.bpe_vocab_size)
+                       args.bpe_vocab_size, decode_errors=args.decode_errors)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

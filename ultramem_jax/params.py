@@ -30,11 +30,16 @@ def memory_layer_params(cfg: ModelConfig) -> dict[str, int]:
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     D, V, L, N, H, F = (cfg.d_model, cfg.vocab_size, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim,
                         cfg.resolved_mlp_dim)
-    block = 4 * D * N * H + 3 * D * F + 2 * D
+    if cfg.moe is None:
+        ffn = ffn_activated = 3 * D * F
+    else:  # the router, then X experts of which k run per token
+        X, k, Fe = cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_mlp_dim or F
+        ffn, ffn_activated = D * X + X * 3 * D * Fe, D * X + k * 3 * D * Fe
+    block = 4 * D * N * H + ffn + 2 * D
     embed = V * D
     unembed = 0 if cfg.tie_embeddings else D * V
     dense = embed + unembed + L * block + D
-    total, activated = dense, dense - embed + D
+    total, activated = dense, dense - embed + D - L * (ffn - ffn_activated)
     memory_values = 0
     if cfg.memory is not None:
         per_layer = memory_layer_params(cfg)

@@ -19,9 +19,11 @@ MEM_KEYS = "mem_keys"  # keys per side
 MEM_HEADS = "mem_heads"
 MEM_QUERY = "mem_query"  # query projection output
 IVE_BLOCKS = "ive_blocks"
+# MoE baseline
+EXPERTS = "experts"  # split = expert parallelism
 
 LOGICAL_AXES = (VOCAB, EMBED, MLP, HEADS, HEAD_DIM, NORM, VALUE_ROWS, VALUE_DIM, MEM_KEYS, MEM_HEADS, MEM_QUERY,
-                IVE_BLOCKS)
+                IVE_BLOCKS, EXPERTS)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ class DataConfig:
     dataset: str = "kjv"  # "kjv" (built-in demo corpus), or files / globs / a prepared dir, comma-separated
     format: str = "auto"  # auto | text | jsonl | prepared
     jsonl_field: str = "text"  # the field of each jsonl record that holds the document
+    decode_errors: str = "strict"  # strict: non-UTF-8 bytes are an error | replace: read them as U+FFFD
     tokenizer: str = "byte"  # byte | bpe (train one on the corpus) | path/to/tokenizer.json
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.02  # documents held out for validation, chosen by a fixed seed
@@ -34,6 +35,8 @@ class DataConfig:
     def __post_init__(self):
         if self.format not in ("auto", "text", "jsonl", "prepared"):
             raise ValueError(f"data.format: must be auto, text, jsonl or prepared, got {self.format!r}")
+        if self.decode_errors not in ("strict", "replace"):
+            raise ValueError(f"data.decode_errors: must be strict or replace, got {self.decode_errors!r}")
         if not 0 < self.val_fraction < 0.5:
             raise ValueError(f"data.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
         if self.bpe_vocab_size < 260:
@@ -153,8 +156,6 @@ def load_config(args: list[str]) -> TrainConfig:
         known = sorted(f[:-4] for f in os.listdir(os.path.join(CONFIG_DIR, "models")) if f.endswith(".yml"))
         raise UsageError(f"model_name: unknown preset {model_name!r} (known: {', '.join(known)})")
     preset = _read_yaml(preset_path)
-    if "placeholder" in preset:
-        raise UsageError(f"model_name: preset {model_name!r} is a placeholder: {preset['placeholder']}")
     layout_path = head.get("sharding") or _merge(base, preset).get("sharding") or ""
     layout = {}
     if layout_path:

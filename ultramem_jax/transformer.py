@@ -15,6 +15,7 @@ from flax import nnx
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import ModelConfig
 from ultramem_jax.memory import memory_layer
+from ultramem_jax.moe import MoE
 
 
 def _normal(rngs, shape, std, names):
@@ -79,13 +80,19 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(cfg, out_std, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model)
-        self.ffn = SwiGLU(cfg, out_std, rngs=rngs)
+        if cfg.moe is None:
+            self.ffn = SwiGLU(cfg, out_std, rngs=rngs)
+        else:
+            self.ffn = MoE(cfg.moe, cfg.d_model, cfg.resolved_mlp_dim, cfg.init_std, out_std, rngs=rngs)
 
     def __call__(self, x_BxSxD, positions_S):
-        """Returns (block output, the pre-FFN normalised hidden that a memory layer may read)."""
+        """Returns (block output, the pre-FFN normalised hidden that a memory layer may read, MoE info or None)."""
         x_BxSxD = x_BxSxD + self.attn(self.attn_norm(x_BxSxD), positions_S)
         ffn_in_BxSxD = self.ffn_norm(x_BxSxD)
-        return x_BxSxD + self.ffn(ffn_in_BxSxD), ffn_in_BxSxD
+        if isinstance(self.ffn, MoE):
+            y, moe_info = self.ffn(ffn_in_BxSxD)
+            return x_BxSxD + y, ffn_in_BxSxD, moe_info
+        return x_BxSxD + self.ffn(ffn_in_BxSxD), ffn_in_BxSxD, None
 
 
 class TransformerLM(nnx.Module):
@@ -103,7 +110,8 @@ class TransformerLM(nnx.Module):
     def __call__(self, tokens_BxS: jax.Array, *, return_hidden: bool = False):
         """Returns (logits B×S×V in float32, aux).
 
-        aux: ``tucker_aux_loss`` (summed over memory layers), ``memory`` (per-layer selection info) and,
+        aux: ``tucker_aux_loss`` (the auxiliary losses: Tucker penalties summed over memory layers, plus the
+        MoE balance loss), ``memory`` (per-layer selection info), ``moe`` (per-layer routing info) and,
         with ``return_hidden``, ``hidden`` (the residual stream after every block).
         """
         dtype = jnp.dtype(self.cfg.dtype)
@@ -111,9 +119,11 @@ class TransformerLM(nnx.Module):
         positions_S = jnp.arange(tokens_BxS.shape[1])
         read_at = {read: k for k, (read, _) in enumerate(self.placement)}
         add_after = {add: k for k, (_, add) in enumerate(self.placement)}
-        pending, mem_info, hidden = None, [], []
+        pending, mem_info, moe_info, hidden = None, [], [], []
         for i, block in enumerate(self.blocks):
-            x, ffn_in = block(x, positions_S)
+            x, ffn_in, routing = block(x, positions_S)
+            if routing is not None:
+                moe_info.append(routing)
             if i in read_at:  # the memory runs off the critical path until its output is due
                 pending, info = self.memories[read_at[i]](ffn_in)
                 mem_info.append(info)
@@ -124,7 +134,9 @@ class TransformerLM(nnx.Module):
         unembed = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
         logits = jnp.einsum("bsd,dv->bsv", x, unembed.astype(dtype)).astype(jnp.float32)
         aux_loss = sum((m.aux_loss() for m in self.memories), jnp.zeros((), jnp.float32))
-        aux = {"tucker_aux_loss": aux_loss, "memory": mem_info}
+        if moe_info:  # the MoE baseline's load-balancing loss, averaged over layers
+            aux_loss += self.cfg.moe.balance_weight * sum(r["balance_loss"] for r in moe_info) / len(moe_info)
+        aux = {"tucker_aux_loss": aux_loss, "memory": mem_info, "moe": moe_info}
         if return_hidden:
             aux["hidden"] = hidden
         return logits, aux

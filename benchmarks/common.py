@@ -1,0 +1,85 @@
+"""Shared by the benchmark scripts: the GCIDE corpus, training runs through train.py, tables and plots."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "results")
+GCIDE_SOURCE = "/usr/share/dictd/gcide.dict.dz"
+GCIDE_PREPARED = os.path.join(ROOT, "data", "gcide-byte")
+
+sys.path.insert(0, ROOT)
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def gcide() -> str:
+    """The prepared GCIDE dictionary corpus (byte tokens), made once with the pipeline's own `prepare`."""
+    if os.path.exists(os.path.join(GCIDE_PREPARED, "meta.json")):
+        return GCIDE_PREPARED
+    if not os.path.exists(GCIDE_SOURCE):
+        fail(f"{GCIDE_SOURCE} not found: install it with `apt-get install dict-gcide` (see benchmarks/README.md)")
+    cmd = [sys.executable, "-m", "ultramem_jax.data", "prepare", "--input", GCIDE_SOURCE, "--output",
+           GCIDE_PREPARED, "--decode-errors", "replace"]
+    if subprocess.run(cmd, cwd=ROOT).returncode:
+        fail("preparing the GCIDE corpus failed")
+    return GCIDE_PREPARED
+
+
+def train_run(name: str, overrides: list[str], out_root: str) -> dict:
+    """Runs train.py with ``overrides``; returns its final validation loss, loss curve and wall time."""
+    out = os.path.join(out_root, name)
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        import shutil
+        shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *overrides]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.time() - t0
+    if proc.returncode:
+        fail(f"run {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
+    train = [(r["step"], r["ce"]) for r in records if r.get("kind") == "train" and "ce" in r]
+    evals = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    if not evals:
+        fail(f"run {name} wrote no validation loss")
+    return {"name": name, "val_loss": evals[-1][1], "train_curve": train, "val_curve": evals, "seconds": seconds}
+
+
+def write_table(path: str, title: str, notes: list[str], header: list[str], rows: list[list]) -> str:
+    lines = [f"# {title}", "", *notes, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(text)
+    return text
+
+
+def plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, logx=False, logy=False):
+    """series: label → (xs, ys)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")

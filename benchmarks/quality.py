@@ -1,0 +1,57 @@
+"""Benchmark c: dense vs MoE vs UltraMem at matched activated parameters, trained on the same GCIDE tokens.
+
+    python benchmarks/quality.py            # quick: 400 steps x 16 x 128 tokens each (~10 min on 2 CPU cores)
+    python benchmarks/quality.py --full     # 4000 steps x 32 x 256 tokens (0.84 epoch; hours on CPU, minutes on a GPU)
+
+Writes docs/results/quality.md (validation losses) and docs/results/quality.png (loss curves).  Every model sees
+the same batches in the same order (same seed, same data pipeline) and less than one epoch of the corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from ultramem_jax.params import param_counts  # noqa: E402
+from ultramem_jax.train_config import load_config  # noqa: E402
+
+MODELS = [("dense", "tiny-dense"), ("MoE-2in24", "tiny-moe-2in24"), ("UltraMem-x12", "tiny-x12")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-quality"))
+    args = p.parse_args(argv)
+    steps, batch, seq = (4000, 32, 256) if args.full else (400, 16, 128)
+    data = common.gcide()
+    shared = [f"data.dataset={data}", f"steps={steps}", f"batch_size={batch}", f"seq_len={seq}",
+              "eval_every=" + str(steps // 4), "eval_batches=" + ("0" if args.full else "40"),
+              "checkpoint_every=0", f"log_every={max(10, steps // 40)}"]
+    rows, series = [], {}
+    for label, preset in MODELS:
+        cfg = load_config([f"model_name={preset}"]).model
+        counts = param_counts(cfg)
+        run = common.train_run(label, [f"model_name={preset}", *shared], args.out)
+        rows.append([label, preset, f"{counts['total'] / 1e6:.2f}M", f"{counts['activated_per_token'] / 1e6:.2f}M",
+                     f"{run['val_loss']:.4f}", f"{run['seconds']:.0f}"])
+        series[label] = tuple(zip(*run["train_curve"]))
+        print(f"{label}: val {run['val_loss']:.4f} ({run['seconds']:.0f} s)", flush=True)
+    tokens = steps * batch * seq
+    common.write_table(os.path.join(common.RESULTS, "quality.md"), "Benchmark c: quality at matched activated size",
+                       [f"GCIDE (byte tokens, 38.9M train tokens); {steps} steps x {batch} x {seq} = {tokens / 1e6:.1f}M "
+                        f"tokens ({tokens / 38.9e6:.2f} epoch), same batches for every model; validation loss in nats "
+                        f"per byte on {'the whole' if args.full else '40 batches of the'} held-out split. "
+                        f"Mode: {'full' if args.full else 'quick'}. Command: `python benchmarks/quality.py"
+                        f"{' --full' if args.full else ''}`."],
+                       ["model", "preset", "total params", "activated / token", "val loss", "wall s"], rows)
+    common.plot(os.path.join(common.RESULTS, "quality.png"), "Training loss (GCIDE, bytes)", "step",
+                "train cross-entropy (nats)", series)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

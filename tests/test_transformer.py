@@ -30,8 +30,8 @@ def test_skip_layer_output_lands_after_block_j(rng):
     # recompute the memory output from block 1's ffn input
     x = jnp.take(model.embed[...], tokens, axis=0)
     pos = jnp.arange(9)
-    x, _ = model.blocks[0](x, pos)
-    _, ffn_in = model.blocks[1](x, pos)
+    x, _, _ = model.blocks[0](x, pos)
+    _, ffn_in, _ = model.blocks[1](x, pos)
     mem_out, _ = model.memories[0](ffn_in)
     assert float(jnp.abs(mem_out).max()) > 1e-3
     np.testing.assert_allclose(h[2] - h0[2], mem_out, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,6 @@ say nothing about accelerator performance.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time

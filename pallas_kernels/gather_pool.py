@@ -34,6 +34,13 @@ from pallas_kernels import common
 SMEM_ROW_IDS = 8192  # row ids prefetched to SMEM per kernel call (32 KiB)
 
 
+def _core_lanes(off, w, C, D, shape):
+    """For each core c, which lanes of the column chunk [off, off + w) lie in its value slice (``shape``: the
+    lane iota's shape, lanes on the last axis)."""
+    lane = off + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    return [(lane >= c * (D // C)) & (lane < (c + 1) * (D // C)) for c in range(C)]
+
+
 # ---- TPU --------------------------------------------------------------------------------------------------
 def _tpu_kernel(rows_sref, blocks_ref, scores_ref, values_hbm, out_ref, buf, sems, *, bt, K, C, E):
     i = pl.program_id(0)
@@ -48,8 +55,7 @@ def _tpu_kernel(rows_sref, blocks_ref, scores_ref, values_hbm, out_ref, buf, sem
 
     jax.lax.fori_loop(0, bt, start_token, 0)  # every row of the tile in flight before any wait
     block_iota = jax.lax.broadcasted_iota(jnp.int32, (E, K), 0)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (E, D), 1)
-    width = D // C
+    in_core = _core_lanes(0, D, C, D, (E, D))
     for j in range(bt):
         def wait_row(k, _, j=j):
             common.tpu().make_async_copy(values_hbm.at[pl.ds(0, 1)], buf.at[j, k], sems.at[j]).wait()
@@ -61,7 +67,7 @@ def _tpu_kernel(rows_sref, blocks_ref, scores_ref, values_hbm, out_ref, buf, sem
         for c in range(C):
             w_ExK = jnp.where(mine, scores_ref[c, pl.ds(j, 1), :].astype(jnp.float32), 0.0).astype(rows_KxD.dtype)
             part = jnp.dot(w_ExK, rows_KxD, preferred_element_type=jnp.float32)
-            pooled = pooled + (part if C == 1 else jnp.where((lane >= c * width) & (lane < (c + 1) * width), part, 0.0))
+            pooled = pooled + (part if C == 1 else jnp.where(in_core[c], part, 0.0))
         out_ref[j] = pooled.astype(out_ref.dtype)
 
 
@@ -121,12 +127,7 @@ def _column_chunks(D: int):
 
 def _lane_weights(s_refs_row, off, w, C, D):
     """Per (row, lane) weight: the score of the core whose value slice holds that lane.  Kp × w."""
-    lane = off + jax.lax.broadcasted_iota(jnp.int32, (1, w), 1)
-    weights = 0.0
-    for c in range(C):
-        in_c = (lane >= c * (D // C)) & (lane < (c + 1) * (D // C))
-        weights = weights + jnp.where(in_c, s_refs_row[c][:, None], 0.0)
-    return weights
+    return sum(jnp.where(m, s[:, None], 0.0) for m, s in zip(_core_lanes(off, w, C, D, (1, w)), s_refs_row))
 
 
 def _gpu_forward_kernel(rows_ref, blocks_ref, scores_ref, values_ref, out_ref, *, C, E, D):
@@ -152,8 +153,7 @@ def _gpu_backward_kernel(rows_ref, blocks_ref, scores_ref, values_ref, g_ref, ze
         s = [scores_ref[t, k, c].astype(jnp.float32) for c in range(C)]
         d_scores = [jnp.float32(0.0)] * C
         for off, w in _column_chunks(D):
-            lane = off + jax.lax.broadcasted_iota(jnp.int32, (w,), 0)
-            in_core = [(lane >= c * (D // C)) & (lane < (c + 1) * (D // C)) for c in range(C)]
+            in_core = _core_lanes(off, w, C, D, (w,))
             g_row = g_ref[t, block, pl.ds(off, w)].astype(jnp.float32)
             prod = g_row * values_ref[row, pl.ds(off, w)].astype(jnp.float32)
             d_scores = [d + jnp.sum(jnp.where(m, prod, 0.0)) for d, m in zip(d_scores, in_core)]

@@ -43,6 +43,15 @@ from pallas_kernels import common
 NEG = -jnp.inf
 
 
+def _take_max(rest, lane, size):
+    """One max-and-mask round: the lowest lane holding each row's maximum (``lax.top_k``'s tie order).
+
+    Returns (winner lane bt×1, its one-hot bt×size); the caller masks the winner out with the one-hot."""
+    best = jnp.max(rest, axis=1, keepdims=True)
+    winner = jnp.min(jnp.where(rest == best, lane, size), axis=1, keepdims=True)
+    return winner, lane == winner
+
+
 def _select_rounds(scores, per_rank, count, width):
     """``count`` rounds of max-and-mask along axis 1 of ``scores`` (bt × n).
 
@@ -54,9 +63,7 @@ def _select_rounds(scores, per_rank, count, width):
 
     def step(p, carry):
         rest, idx, picked = carry
-        best = jnp.max(rest, axis=1, keepdims=True)
-        winner = jnp.min(jnp.where(rest == best, lane_n, n), axis=1, keepdims=True)
-        hit = lane_n == winner
+        winner, hit = _take_max(rest, lane_n, n)
         put = lane_w == p
         idx = jnp.where(put, winner, idx)
         picked = tuple(jnp.where(put, jnp.sum(jnp.where(hit, s, 0.0), axis=1, keepdims=True), old)
@@ -121,9 +128,7 @@ def _kernel(scal_ref, qr_ref, qc_ref, kr_ref, kc_ref, scores_ref, slots_ref, *, 
 
     def step(m, carry):
         rest, out_scores, out_slots = carry
-        best = jnp.max(rest, axis=1, keepdims=True)
-        g = jnp.min(jnp.where(rest == best, flat, F), axis=1, keepdims=True)
-        hit = flat == g
+        g, hit = _take_max(rest, flat, F)
         put = lane_m == m
         out_scores = tuple(jnp.where(put, jnp.sum(jnp.where(hit, s, 0.0), axis=1, keepdims=True), old)
                            for s, old in zip(per_core, out_scores))

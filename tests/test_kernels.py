@@ -54,20 +54,20 @@ POOL_SHAPES = [(13, 20, 300, 96, 4, 2), (5, 7, 50, 100, 9, 4), (16, 32, 64, 64, 
 @pytest.mark.parametrize("shape", POOL_SHAPES[:2])
 def test_tpu_gather_pool_matches_reference(rng, shape, mode):
     fn = functools.partial(gp_kernel.gather_pool, backend="tpu", interpret=TPU_INTERPRET[mode])
-    _check_pool(lambda v, r, b, s, E: fn(v, r, b, s, E), rng, *shape)
+    _check_pool(fn, rng, *shape)
 
 
 @pytest.mark.parametrize("shape", POOL_SHAPES)
 def test_gpu_gather_pool_matches_reference(rng, shape):
     fn = functools.partial(gp_kernel.gather_pool, backend="gpu", interpret=True)
-    _check_pool(lambda v, r, b, s, E: fn(v, r, b, s, E), rng, *shape)
+    _check_pool(fn, rng, *shape)
 
 
 def test_tpu_gather_pool_chunks_row_ids_through_smem(rng, monkeypatch):
     """More row ids than one SMEM chunk: the kernel runs chunk by chunk (lax.map) and still matches."""
     monkeypatch.setattr(gp_kernel, "SMEM_ROW_IDS", 64)
     fn = functools.partial(gp_kernel.gather_pool, backend="tpu", interpret=True)
-    _check_pool(lambda v, r, b, s, E: fn(v, r, b, s, E), rng, 37, 6, 40, 32, 4, 2)
+    _check_pool(fn, rng, 37, 6, 40, 32, 4, 2)
 
 
 # ---- key search ----------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
         (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
         opt.update(model, grads)
         usage = [u | rows_hit(info["rows"], u.shape[0]) for u, info in zip(usage, aux["memory"])]
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["tucker_aux_loss"], "grad_norm": _global_norm(grads)}
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"], "grad_norm": _global_norm(grads)}
         if aux["memory"]:
             metrics["top1_score"] = jnp.stack([i["top1"] for i in aux["memory"]])
             metrics["topm_score"] = jnp.stack([i["topm"] for i in aux["memory"]])

@@ -110,7 +110,7 @@ class TransformerLM(nnx.Module):
     def __call__(self, tokens_BxS: jax.Array, *, return_hidden: bool = False):
         """Returns (logits B×S×V in float32, aux).
 
-        aux: ``tucker_aux_loss`` (the auxiliary losses: Tucker penalties summed over memory layers, plus the
+        aux: ``aux_loss`` (the auxiliary losses: Tucker penalties summed over memory layers, plus the
         MoE balance loss), ``memory`` (per-layer selection info), ``moe`` (per-layer routing info) and,
         with ``return_hidden``, ``hidden`` (the residual stream after every block).
         """
@@ -136,7 +136,7 @@ class TransformerLM(nnx.Module):
         aux_loss = sum((m.aux_loss() for m in self.memories), jnp.zeros((), jnp.float32))
         if moe_info:  # the MoE baseline's load-balancing loss, averaged over layers
             aux_loss += self.cfg.moe.balance_weight * sum(r["balance_loss"] for r in moe_info) / len(moe_info)
-        aux = {"tucker_aux_loss": aux_loss, "memory": mem_info, "moe": moe_info}
+        aux = {"aux_loss": aux_loss, "memory": mem_info, "moe": moe_info}
         if return_hidden:
             aux["hidden"] = hidden
         return logits, aux
@@ -167,4 +167,4 @@ def lm_loss(model: TransformerLM, tokens_BxS: jax.Array, mask_BxS: jax.Array | N
     else:
         w = mask_BxS[:, 1:].astype(jnp.float32)
         ce = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
-    return ce + aux["tucker_aux_loss"], (ce, aux)
+    return ce + aux["aux_loss"], (ce, aux)

@@ -89,10 +89,15 @@ def test_refresh_is_leading_singular_pair_and_sign_continuous(rng):
 
 def test_aux_loss_matches_numpy_and_has_gradient(rng):
     alpha, tau = 1e-3, 0.15
-    cores = jnp.asarray(rng.standard_normal((2, 2, 2, 2)), jnp.float32)
+    # Per head, the summed core has singular values (2, s2) with s2 > tau, split at random over C=2 cores.
+    rotations = np.linalg.qr(rng.standard_normal((2, 2, 2, 2)))[0]  # (head, left|right, 2, 2)
+    s2 = rng.uniform(0.3, 1.0, 2)
+    core_sum = np.einsum("hab,hb,hcb->hac", rotations[:, 0], np.stack([np.full(2, 2.0), s2], -1), rotations[:, 1])
+    noise = rng.standard_normal((2, 2, 2))
+    cores = jnp.asarray(np.stack([core_sum - noise, noise]), jnp.float32)
     lam = np.linalg.svd(np.asarray(cores).sum(0), compute_uv=False)
     want_per_head = np.maximum(lam[:, 1] - tau, 0) ** 2
-    assert want_per_head.sum() > 0
+    np.testing.assert_allclose(lam[:, 1], s2, rtol=1e-5)
     np.testing.assert_allclose(tdqkr.tucker_aux_loss(cores, alpha, tau, "paper"), alpha * want_per_head.sum(),
                                rtol=1e-4)
     np.testing.assert_allclose(tdqkr.tucker_aux_loss(cores, alpha, tau, "code"), alpha * want_per_head.mean(),

@@ -48,7 +48,7 @@ def timed(fn, *args, repeats):
 
 
 def copy_bandwidth(repeats):
-    x = jnp.ones((64 << 20) // 4 if jax.default_backend() != "cpu" else (16 << 20) // 4, jnp.float32)
+    x = jnp.ones((1 << 30) // 4 if jax.default_backend() != "cpu" else (16 << 20) // 4, jnp.float32)  # 1 GiB
     t = timed(jax.jit(lambda a: a + 1), x, repeats=repeats)
     return 2 * x.nbytes / t / 1e9
 

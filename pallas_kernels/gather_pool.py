@@ -32,6 +32,10 @@ from jax.experimental import pallas as pl
 from pallas_kernels import common
 
 SMEM_ROW_IDS = 8192  # row ids prefetched to SMEM per kernel call (32 KiB)
+# Widest column chunk a GPU program loads at once (K rows × this many lanes), forward and backward; measured
+# best on an H100 over 32…256 (docs/kernels.md): narrow tiles for the register-bound forward, wide ones for
+# the atomic-add backward.
+GPU_FWD_COLS, GPU_BWD_COLS = 32, 256
 
 
 def _core_lanes(off, w, C, D, shape):
@@ -115,13 +119,15 @@ def _xla_backward(values, rows, blocks, scores, g_TxExD):
 
 
 # ---- GPU --------------------------------------------------------------------------------------------------
-def _column_chunks(D: int):
-    """[(offset, width)] covering [0, D) with power-of-two widths (Triton tiles), widest first."""
+def _column_chunks(D: int, widest: int):
+    """[(offset, width)] covering [0, D) with power-of-two widths (Triton tiles) of at most ``widest``."""
     chunks, off = [], 0
     for bit in reversed(range(D.bit_length())):
         if D & (1 << bit):
-            chunks.append((off, 1 << bit))
-            off += 1 << bit
+            w = 1 << bit
+            for _ in range(max(1, w // widest)):
+                chunks.append((off, min(w, widest)))
+                off += min(w, widest)
     return chunks
 
 
@@ -134,7 +140,7 @@ def _gpu_forward_kernel(rows_ref, blocks_ref, scores_ref, values_ref, out_ref, *
     t = pl.program_id(0)
     rows, blocks = rows_ref[t, :], blocks_ref[t, :]
     s = [scores_ref[t, c, :].astype(jnp.float32) for c in range(C)]
-    for off, w in _column_chunks(D):
+    for off, w in _column_chunks(D, GPU_FWD_COLS):
         vals = values_ref[rows, pl.ds(off, w)].astype(jnp.float32)
         weighted = _lane_weights(s, off, w, C, D) * vals
         for e in range(E):
@@ -152,7 +158,7 @@ def _gpu_backward_kernel(rows_ref, blocks_ref, scores_ref, values_ref, g_ref, ze
         row, block = rows_ref[t, k], blocks_ref[t, k]
         s = [scores_ref[t, k, c].astype(jnp.float32) for c in range(C)]
         d_scores = [jnp.float32(0.0)] * C
-        for off, w in _column_chunks(D):
+        for off, w in _column_chunks(D, GPU_BWD_COLS):
             in_core = _core_lanes(off, w, C, D, (w,))
             g_row = g_ref[t, block, pl.ds(off, w)].astype(jnp.float32)
             prod = g_row * values_ref[row, pl.ds(off, w)].astype(jnp.float32)

@@ -3,7 +3,8 @@
 Same signature and results as the XLA reference ``ultramem_jax.key_search.search`` (the oracle and fallback).
 One program handles one head and a tile of ``bt`` tokens, all in on-chip memory:
 
-  1. S_row[a] = q_row · K_row[a]  (one MXU / tensor-core matmul per Tucker rank; likewise for columns);
+  1. S_row[a] = q_row · K_row[a]  (one MXU matmul per Tucker rank; likewise for columns; on GPU this is an
+     XLA/cuBLAS matmul before the kernel, see below);
   2. pre-selection: m_pre rounds of "max, then mask" over the n keys of each side of uᵀS_row and tᵀS_col
      (the additive product key uses S itself), keeping each winner's r rank scores;
   3. the m_pre × m_pre candidate grid under every core, G_c = Σ_ab C_c[a,b] S_row[a,i] S_col[b,j] (MCS), flat
@@ -19,6 +20,9 @@ Step 3 differs by backend.  TPU (Mosaic): the per-rank row/column scores are spr
 0/1 matmuls (exact at HIGHEST precision), so everything stays 2-D with tokens on sublanes and no relayout.
 GPU (Pallas Triton): broadcasting to a (bt, P, P) block and flattening it, since Triton tiles of a P×P² 0/1
 matrix would not fit in registers.
+GPU step 1 is outside the kernel: a Triton dot stages its whole D×N key operand in shared memory, which
+overflows the H100's 227 KiB at D·N ≥ 64K floats (D=128, n=512 already), while cuBLAS does this matmul at
+full speed.  The GPU token tile shrinks as n and m_pre grow so that a tile's score rows stay in registers.
 
 GPU lowering choice: Pallas' Triton backend, not Mosaic GPU.  Mosaic GPU targets Hopper and newer and has no
 vector-index row gather short of Blackwell's TMA gather; Triton runs on every NVIDIA GPU jax supports and is
@@ -38,9 +42,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ultramem_jax import key_search as ref
+from ultramem_jax import tdqkr
 from pallas_kernels import common
 
 NEG = -jnp.inf
+# Score elements across a GPU program's token tile (see _gpu_tile); on an H100, 4096 ran 2–5× faster than 16384
+# (docs/kernels.md), i.e. one token per program once n ≥ 1024.
+GPU_TILE_ELEMS = 4096
 
 
 def _take_max(rest, lane, size):
@@ -91,15 +99,27 @@ def _spread_broadcast(x_bxP, P, rows: bool):
     return grid.reshape(bt, P * P)
 
 
-def _kernel(scal_ref, qr_ref, qc_ref, kr_ref, kc_ref, scores_ref, slots_ref, *, n, R, C, P, Pp, M, Mp,
-            additive, spread, scalar_row):
-    """One head × one token tile.  scal_ref holds [u (R), t (R), cores (C·R·R)] of each head."""
-    h = pl.program_id(0)
-    scalar = (lambda j: scal_ref[h, j]) if scalar_row is None else (lambda j: scal_ref[0, j])
+def _fused_kernel(scal_ref, qr_ref, qc_ref, kr_ref, kc_ref, scores_ref, slots_ref, *, R, **kw):
+    """TPU: one head × one token tile, key scores included (MXU matmuls per Tucker rank)."""
     f32 = jnp.float32
     qr, qc = qr_ref[...].astype(f32), qc_ref[...].astype(f32)
     s_row = [jnp.dot(qr, kr_ref[a].astype(f32), preferred_element_type=f32) for a in range(R)]
     s_col = [jnp.dot(qc, kc_ref[a].astype(f32), preferred_element_type=f32) for a in range(R)]
+    _select(scal_ref, s_row, s_col, scores_ref, slots_ref, R=R, **kw)
+
+
+def _scored_kernel(scal_ref, sr_ref, sc_ref, scores_ref, slots_ref, *, R, **kw):
+    """GPU: one head × one token tile, given the rank key scores (R × bt × Np per side)."""
+    s_row = [sr_ref[a].astype(jnp.float32) for a in range(R)]
+    s_col = [sc_ref[a].astype(jnp.float32) for a in range(R)]
+    _select(scal_ref, s_row, s_col, scores_ref, slots_ref, R=R, **kw)
+
+
+def _select(scal_ref, s_row, s_col, scores_ref, slots_ref, *, n, R, C, P, Pp, M, Mp, additive, spread, scalar_row):
+    """Steps 2–4 on one head's token tile.  scal_ref holds [u (R), t (R), cores (C·R·R)] of each head."""
+    h = pl.program_id(0)
+    scalar = (lambda j: scal_ref[h, j]) if scalar_row is None else (lambda j: scal_ref[0, j])
+    f32 = jnp.float32
     bt, Np = s_row[0].shape
     real = jax.lax.broadcasted_iota(jnp.int32, (bt, Np), 1) < n
     if additive:
@@ -144,6 +164,13 @@ def _kernel(scal_ref, qr_ref, qc_ref, kr_ref, kc_ref, scores_ref, slots_ref, *, 
     slots_ref[...] = out_slots
 
 
+def _gpu_tile(Np, F):
+    """Tokens per GPU program: the widest score rows (Np keys, F = Pp² candidates) times bt stay within
+    GPU_TILE_ELEMS, so a tile lives in registers rather than spilling."""
+    fit = GPU_TILE_ELEMS // max(Np, F)
+    return max(1, min(16, 1 << max(0, fit.bit_length() - 1)))
+
+
 def _pallas_search(q_row, q_col, k_row, k_col, cores, u, t, preselect, topk, additive, backend, interpret):
     T, H, D = q_row.shape
     _, n, _, R = k_row.shape
@@ -151,18 +178,12 @@ def _pallas_search(q_row, q_col, k_row, k_col, cores, u, t, preselect, topk, add
     P, M = preselect, topk
     Pp, Mp = common.pow2(max(P, 8)), common.pow2(max(M, 8))
     gpu = backend == "gpu"
-    bt = 16 if gpu else 8
-    Tp = common.round_up(T, bt)
-    Dp = common.pow2(max(D, 16)) if gpu else D
     Np = common.pow2(max(n, 16)) if gpu else common.round_up(n, 128)
+    bt = _gpu_tile(Np, Pp * Pp) if gpu else 8
+    Tp = common.round_up(T, bt)
     Rp, Cp = (common.pow2(R), common.pow2(C)) if gpu else (R, C)
     f32 = jnp.float32
-
-    def queries(q):  # T×H×D → H×Tp×Dp
-        return common.pad_to(jnp.swapaxes(q, 0, 1), (H, Tp, Dp))
-
-    def keys(k):  # H×N×D×R → H×Rp×Dp×Np
-        return common.pad_to(jnp.transpose(k, (0, 3, 2, 1)), (H, Rp, Dp, Np))
+    sq = common.squeezed()
 
     if additive:
         scal = jnp.zeros((H, 1), f32)
@@ -170,24 +191,36 @@ def _pallas_search(q_row, q_col, k_row, k_col, cores, u, t, preselect, topk, add
         scal = jnp.concatenate([u.astype(f32), t.astype(f32),
                                 jnp.swapaxes(cores.astype(f32), 0, 1).reshape(H, C * R * R)], axis=1)
     W = scal.shape[1]
-    sq = common.squeezed()
-    in_specs = [
-        pl.BlockSpec((sq, bt, Dp), lambda h, i: (h, i, 0)),
-        pl.BlockSpec((sq, bt, Dp), lambda h, i: (h, i, 0)),
-        pl.BlockSpec((sq, Rp, Dp, Np), lambda h, i: (h, 0, 0, 0)),
-        pl.BlockSpec((sq, Rp, Dp, Np), lambda h, i: (h, 0, 0, 0)),
-    ]
-    out_specs = [pl.BlockSpec((sq, Cp, bt, Mp), lambda h, i: (h, 0, i, 0)),
-                 pl.BlockSpec((sq, bt, Mp), lambda h, i: (h, i, 0))]
     if gpu:
+        # Key scores by XLA (a cuBLAS matmul): the kernel keeps only the selection.  Fusing the matmul as on
+        # TPU stages the whole D×N key block in shared memory, which overflows it at D·N ≥ 64K floats.
+        def rank_scores(q, k):  # T×H×D, H×N×D×R → H×Rp×Tp×Np
+            s = jnp.transpose(tdqkr.rank_key_scores(q, k), (1, 2, 0, 3))
+            return common.pad_to(s, (H, Rp, Tp, Np))
+
+        operands = (rank_scores(q_row, k_row), rank_scores(q_col, k_col))
+        in_specs = [pl.BlockSpec((sq, Rp, bt, Np), lambda h, i: (h, 0, i, 0))] * 2
         Wp = common.pow2(W)
         scal = common.pad_to(scal, (H, Wp))
         scal_spec = pl.BlockSpec((1, Wp), lambda h, i: (h, 0))
         params = common.triton_params(num_warps=4)
+        body = _scored_kernel
     else:
+        def queries(q):  # T×H×D → H×Tp×D
+            return common.pad_to(jnp.swapaxes(q, 0, 1), (H, Tp, D))
+
+        def keys(k):  # H×N×D×R → H×R×D×Np
+            return common.pad_to(jnp.transpose(k, (0, 3, 2, 1)), (H, R, D, Np))
+
+        operands = (queries(q_row), queries(q_col), keys(k_row), keys(k_col))
+        in_specs = [pl.BlockSpec((sq, bt, D), lambda h, i: (h, i, 0))] * 2
+        in_specs += [pl.BlockSpec((sq, R, D, Np), lambda h, i: (h, 0, 0, 0))] * 2
         scal_spec = pl.BlockSpec(memory_space=common.tpu().SMEM)
         params = common.tpu().CompilerParams(dimension_semantics=("parallel", "parallel"))
-    kernel = functools.partial(_kernel, n=n, R=R, C=C, P=P, Pp=Pp, M=M, Mp=Mp, additive=additive,
+        body = _fused_kernel
+    out_specs = [pl.BlockSpec((sq, Cp, bt, Mp), lambda h, i: (h, 0, i, 0)),
+                 pl.BlockSpec((sq, bt, Mp), lambda h, i: (h, i, 0))]
+    kernel = functools.partial(body, n=n, R=R, C=C, P=P, Pp=Pp, M=M, Mp=Mp, additive=additive,
                                spread="broadcast" if gpu else "matmul", scalar_row=0 if gpu else None)
     scores, slots = pl.pallas_call(
         kernel,
@@ -198,7 +231,7 @@ def _pallas_search(q_row, q_col, k_row, k_col, cores, u, t, preselect, topk, add
         compiler_params=params,
         interpret=interpret,
         name=f"ultramem_key_search_{backend}",
-    )(scal, queries(q_row), queries(q_col), keys(k_row), keys(k_col))
+    )(scal, *operands)
     scores_TxHxMxC = jnp.transpose(scores[:, :C, :T, :M], (2, 0, 3, 1))
     return scores_TxHxMxC, jnp.swapaxes(slots[:, :T, :M], 0, 1)
 

@@ -4,7 +4,10 @@
   xla     the reference ops (``key_search.search``, ``ive.gather_pool``) everywhere;
   pallas  the Pallas kernels: Mosaic on TPU, Triton on GPU, and the TPU kernels in interpret mode on CPU
           (slow; for testing the kernel path end to end);
-  auto    the kernels on TPU and GPU, XLA on CPU (where interpret mode would only be slower).
+  auto    the kernels on TPU; on GPU the gather-pool kernel with the XLA search (on an H100 the search kernel
+          ran 1.1–1.6× slower than XLA's top_k while the gather-pool kernel took 0.4–0.8× XLA's time,
+          docs/kernels.md);
+          XLA on CPU (where interpret mode would only be slower).
 
 On GPU the kernels use Pallas' Triton backend, deprecated since jax 0.11: where a jax release no longer has
 it, ``auto`` falls back to XLA and ``pallas`` fails with that reason.
@@ -15,7 +18,7 @@ import jax
 
 from ultramem_jax import ive, key_search
 
-IMPLS = ("xla", "tpu", "gpu", "interpret")
+IMPLS = ("xla", "tpu", "gpu", "gpu_pool", "interpret")  # gpu_pool: only the gather-pool kernel
 
 
 def triton_available() -> bool:
@@ -37,7 +40,7 @@ def resolve(choice: str, platform: str | None = None) -> str:
         return "tpu"
     if platform in ("gpu", "cuda", "rocm"):
         if triton_available():
-            return "gpu"
+            return "gpu" if choice == "pallas" else "gpu_pool"
         if choice == "pallas":
             raise ValueError("memory.kernels: pallas on GPU needs jax.experimental.pallas.triton, which this jax "
                              f"({jax.__version__}) does not have; use kernels: xla")
@@ -46,7 +49,7 @@ def resolve(choice: str, platform: str | None = None) -> str:
 
 
 def _backend(impl: str) -> tuple[str, bool]:
-    return ("gpu", False) if impl == "gpu" else ("tpu", impl == "interpret")
+    return ("gpu", False) if impl in ("gpu", "gpu_pool") else ("tpu", impl == "interpret")
 
 
 def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int, impl: str = "xla"):
@@ -61,7 +64,7 @@ def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int,
 def search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect: int, topk: int, additive: bool,
            impl: str = "xla"):
     """``key_search.search`` by ``impl``."""
-    if impl == "xla":
+    if impl in ("xla", "gpu_pool"):
         return key_search.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive)
     from pallas_kernels import key_search as kernel
     backend, interpret = _backend(impl)

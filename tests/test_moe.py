@@ -18,9 +18,10 @@ def _moe(cfg, D=16, F=24, seed=0):
         return MoE(cfg, D, F, init_std=0.3, out_std=0.3, rngs=nnx.Rngs(seed))
 
 
+@pytest.mark.parametrize("grouped_matmul", ["ragged", "blocked"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_routed_experts_match_a_per_token_loop(rng, normalize):
-    cfg = MoEConfig(num_experts=5, top_k=2, normalize_top_k=normalize)
+def test_routed_experts_match_a_per_token_loop(rng, normalize, grouped_matmul):
+    cfg = MoEConfig(num_experts=5, top_k=2, normalize_top_k=normalize, grouped_matmul=grouped_matmul)
     moe = _moe(cfg, seed=int(rng.integers(1 << 30)))
     x = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
     y, info = moe(x)
@@ -76,3 +77,25 @@ def test_moe_lm_counts_trains_and_validates(rng):
     assert float(loss) < float(first) - 0.5
     with pytest.raises(ValueError, match="moe.top_k"):
         ModelConfig(moe=MoEConfig(num_experts=2, top_k=3))
+
+
+def test_blocked_and_ragged_experts_agree_in_value_and_gradient(rng):
+    """Uneven groups (one expert takes most tokens, some none) across several row blocks."""
+    ffn_args = dict(D=16, F=24, seed=int(rng.integers(1 << 30)))
+    ragged = _moe(MoEConfig(num_experts=7, top_k=2, grouped_matmul="ragged"), **ffn_args)
+    blocked = _moe(MoEConfig(num_experts=7, top_k=2, grouped_matmul="blocked"), **ffn_args)
+    bias = np.zeros(7, np.float32)
+    bias[0], bias[6] = 100.0, -100.0  # every token picks expert 0, none picks expert 6 (empty group)
+    x = jnp.asarray(rng.standard_normal((4, 50, 16)), jnp.float32)
+    x = x.at[..., 0].set(1.0)  # a constant input lane carries the router bias
+    for m in (ragged, blocked):
+        m.router[...] = m.router[...].at[0].set(jnp.asarray(bias))
+    loss = lambda m: jnp.sum(m(x)[0] * jnp.cos(x))  # noqa: E731
+    np.testing.assert_allclose(blocked(x)[0], ragged(x)[0], rtol=1e-5, atol=1e-5)
+    counts = np.bincount(np.asarray(ragged(x)[1]["experts"]).ravel(), minlength=7)
+    assert counts[0] == 200 and counts[6] == 0, counts
+    g_r, g_b = nnx.grad(loss)(ragged), nnx.grad(loss)(blocked)
+    for name in ("router", "w_gate", "w_up", "w_down"):
+        np.testing.assert_allclose(g_b[name][...], g_r[name][...], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="moe.grouped_matmul"):
+        MoEConfig(grouped_matmul="dense").validate()

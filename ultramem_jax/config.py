@@ -125,6 +125,7 @@ class MoEConfig:
     expert_mlp_dim: int | None = None  # SwiGLU inner width of one expert; None: the dense model's mlp_dim
     balance_weight: float = 0.01  # weight of the load-balancing loss
     normalize_top_k: bool = False  # renormalise the k routing weights to sum to 1 (Mixtral) or not (OLMoE)
+    grouped_matmul: str = "auto"  # ragged (jax.lax.ragged_dot) | blocked (padded row blocks) | auto: blocked on CPU
 
     def validate(self, prefix: str = "moe") -> None:
         for name in ("num_experts", "top_k"):
@@ -137,6 +138,9 @@ class MoEConfig:
             raise ValueError(f"{prefix}.expert_mlp_dim: must be a positive integer, got {self.expert_mlp_dim!r}")
         if self.balance_weight < 0:
             raise ValueError(f"{prefix}.balance_weight: must be >= 0, got {self.balance_weight}")
+        if self.grouped_matmul not in ("ragged", "blocked", "auto"):
+            raise ValueError(f"{prefix}.grouped_matmul: must be one of ['ragged', 'blocked', 'auto'], "
+                             f"got {self.grouped_matmul!r}")
 
 
 @dataclasses.dataclass(frozen=True)

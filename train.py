@@ -162,6 +162,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.split("\n\n")[1].strip("\n") + "\n\nEvery key, with its default and meaning: configs/base.yml; "
+              "model presets: configs/models/; sharding layouts: configs/sharding/.")
+        sys.exit(0)
     try:
         sys.exit(main(sys.argv[1:]))
     except UsageError as e:

@@ -153,6 +153,12 @@ def test_bad_input_fails_with_one_line(tmp_path, corpus, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
 
 
+def test_help_prints_usage_and_trains_nothing(tmp_path):
+    r = run([sys.executable, os.path.join(ROOT, "train.py"), "--help", f"output_dir={tmp_path / 'h'}"])
+    assert r.returncode == 0 and "python train.py [CONFIG.yml] [key=value ...]" in r.stdout
+    assert "configs/base.yml" in r.stdout and not (tmp_path / "h").exists()
+
+
 def test_unusable_paths_fail_clearly_and_touch_nothing(tmp_path, corpus, reference_run):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

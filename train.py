@@ -23,6 +23,7 @@ from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_l
 from ultramem_jax.metrics import MetricsLogger
 from ultramem_jax.optim import lr_schedule
 from ultramem_jax.params import param_counts
+from ultramem_jax.platforms import skip_absent_tpu
 from ultramem_jax.train_config import config_fingerprint, load_config
 
 CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -45,6 +46,7 @@ def ensure_writable(path: str):
 
 
 def main(argv: list[str]) -> int:
+    skip_absent_tpu()
     if os.environ.get("ULTRAMEM_CPU_DEVICES"):  # e.g. 8: try sharding layouts on one CPU
         jax.config.update("jax_num_cpu_devices", int(os.environ["ULTRAMEM_CPU_DEVICES"]))
     cfg = load_config(argv)

@@ -25,6 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from ultramem_jax import MemoryConfig, ModelConfig, lookup  # noqa: E402
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout  # noqa: E402
+from ultramem_jax.platforms import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()
 
 D, DV, E, K, C = 768, 384, 4, 128, 2
 BYTES = {"f32": 4, "s32": 4, "bf16": 2, "pred": 1}

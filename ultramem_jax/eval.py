@@ -23,6 +23,7 @@ from ultramem_jax.checkpointing import Checkpointer, abstract_like
 from ultramem_jax.config import from_dict
 from ultramem_jax.errors import UsageError
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh
+from ultramem_jax.platforms import skip_absent_tpu
 from ultramem_jax.train_config import TrainConfig, _merge, parse_overrides
 from ultramem_jax.transformer import create_model
 
@@ -91,6 +92,7 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
 
 
 def main(argv=None) -> int:
+    skip_absent_tpu()
     p = argparse.ArgumentParser(prog="python -m ultramem_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="the output_dir of a training run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")

@@ -31,7 +31,9 @@ STEPS = [
     ("+ IVE (E = 4)", -0.017, [M + "expansion=4", M + "shuffle=true"]),
     ("+ TDQKR (r = 2)", -0.008, [M + "retrieval=tdqkr", M + "rank=2", M + "aux_loss=true"]),
     ("+ MCS (h = 2)", -0.003, [M + "cores=2"]),
-    ("+ improved init", -0.003, [M + "value_init=paper"]),
+    # The paper's init: values N(0, E/(2mHL)) and q/k-norm weights that put the selected scores' mean near 1.
+    # At this size the value std equals the PKM rows' 1/sqrt(D_v) (both 0.125), so the norm init is what changes.
+    ("+ improved init", -0.003, [M + "value_init=paper", M + "norm_init=paper"]),
     ("+ value-LR decay (4x -> 1x)", -0.022, ["optim.value_lr_multiplier=4.0"]),
 ]
 

@@ -14,6 +14,10 @@ GCIDE_PREPARED = os.path.join(ROOT, "data", "gcide-byte")
 
 sys.path.insert(0, ROOT)
 
+from ultramem_jax.platforms import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()  # the benchmark scripts import this module before they compute anything
+
 
 def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
@@ -83,3 +87,38 @@ def plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, logx=Fal
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+# ---- timing jitted model calls (benchmarks a and b) ---------------------------------------------------------
+def timed_ms(fn, *args, repeats: int = 10) -> float:
+    """Median wall time of ``repeats`` calls in ms, after one warm-up call (compilation)."""
+    import jax
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def device_line() -> str:
+    import jax
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({jax.default_backend()}, {jax.device_count()} device), jax {jax.__version__}"
+
+
+def sample_tokens(rng, shape, vocab_size: int):
+    """Byte-token windows of English text (this repo's own Markdown docs, present on every checkout), so that
+    routers and key searches see text-like inputs rather than uniform noise."""
+    import glob
+    import numpy as np
+    text = b"\n\n".join(open(f, "rb").read() for f in sorted(glob.glob(os.path.join(ROOT, "**", "*.md"), recursive=True))
+                        if "/.venv/" not in f and "/runs/" not in f)
+    ids = np.frombuffer(text, np.uint8).astype(np.int32) % vocab_size
+    n = int(np.prod(shape))
+    reps = -(-n // len(ids)) + 1
+    ids = np.tile(ids, reps)
+    start = int(rng.integers(0, len(ids) - n))
+    return ids[start:start + n].reshape(shape)

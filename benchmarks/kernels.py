@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ultramem_jax import kernels  # noqa: E402
+from ultramem_jax.platforms import skip_absent_tpu  # noqa: E402
 
 # tokens, selected rows per token (H·m), physical rows, value width, IVE blocks, cores
 POOL_SIZES = [(1024, 64, 1 << 16, 256, 4, 2), (4096, 128, 1 << 18, 384, 4, 2), (16384, 128, 1 << 20, 512, 4, 2)]
@@ -90,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (best is kept)")
     parser.add_argument("--markdown", default="", help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
+    skip_absent_tpu()
     platform = jax.default_backend()
     impl = kernels.resolve("pallas")
     interpret = impl == "interpret"

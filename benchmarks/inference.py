@@ -1,6 +1,6 @@
 """Benchmark a: inference speed of dense, MoE and UltraMem against batch size (the paper's Fig. 1 analogue).
 
-    python benchmarks/inference.py           # quick: tiny presets, batches 1…256 (~3 min on 2 CPU cores)
+    python benchmarks/inference.py           # quick: tiny presets, batches 1…256 (1 min on 2 CPU cores)
     python benchmarks/inference.py --full    # the 151M-activated presets (2B total for MoE and UltraMem),
                                              # bf16 weights; needs a GPU/TPU (≈5 min on one H100)
 

@@ -1,9 +1,9 @@
 """Benchmark b: train-step and decode time against the number of physical value slots, all else fixed.
 
-    python benchmarks/scaling.py           # quick: tiny-x12, 2^14 … 2^22 rows per memory layer (~5 min, 2 CPU
-                                           # cores, 9 GiB of RAM at 2^22)
+    python benchmarks/scaling.py           # quick: tiny-x12, 2^14 … 2^22 rows per memory layer (2.5 min on 2
+                                           # CPU cores; about 9 GB of RAM at 2^22)
     python benchmarks/scaling.py --full    # the same model with 4× the tokens per step (64 × 256); meant for a
-                                           # GPU/TPU (≈2 min on one H100)
+                                           # GPU/TPU (minutes on one H100)
 
 The memory size is set by ``num_keys`` n (n² physical rows, each of D_v = 64 floats, in each of tiny-x12's two
 memory layers); the backbone, m = 16 winners per head and the batch stay fixed.  Per size it times (median

@@ -60,6 +60,13 @@ def _take_max(rest, lane, size):
     return winner, lane == winner
 
 
+def _store_winner(hit, put, arrays, outputs):
+    """Writes each array's value at the winner (one-hot ``hit`` along axis 1) into the column ``put`` of its
+    output."""
+    return tuple(jnp.where(put, jnp.sum(jnp.where(hit, a, 0.0), axis=1, keepdims=True), out)
+                 for a, out in zip(arrays, outputs))
+
+
 def _select_rounds(scores, per_rank, count, width):
     """``count`` rounds of max-and-mask along axis 1 of ``scores`` (bt × n).
 
@@ -74,8 +81,7 @@ def _select_rounds(scores, per_rank, count, width):
         winner, hit = _take_max(rest, lane_n, n)
         put = lane_w == p
         idx = jnp.where(put, winner, idx)
-        picked = tuple(jnp.where(put, jnp.sum(jnp.where(hit, s, 0.0), axis=1, keepdims=True), old)
-                       for s, old in zip(per_rank, picked))
+        picked = _store_winner(hit, put, per_rank, picked)
         return jnp.where(hit, NEG, rest), idx, picked
 
     init = (scores, jnp.zeros((bt, width), jnp.int32), tuple(jnp.zeros((bt, width), jnp.float32) for _ in per_rank))
@@ -150,8 +156,7 @@ def _select(scal_ref, s_row, s_col, scores_ref, slots_ref, *, n, R, C, P, Pp, M,
         rest, out_scores, out_slots = carry
         g, hit = _take_max(rest, flat, F)
         put = lane_m == m
-        out_scores = tuple(jnp.where(put, jnp.sum(jnp.where(hit, s, 0.0), axis=1, keepdims=True), old)
-                           for s, old in zip(per_core, out_scores))
+        out_scores = _store_winner(hit, put, per_core, out_scores)
         row = jnp.sum(jnp.where(lane_p == jnp.right_shift(g, shift), idx_row, 0), axis=1, keepdims=True)
         col = jnp.sum(jnp.where(lane_p == jnp.bitwise_and(g, Pp - 1), idx_col, 0), axis=1, keepdims=True)
         out_slots = jnp.where(put, row * n + col, out_slots)

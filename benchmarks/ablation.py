@@ -45,9 +45,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     steps, batch, seq = (3000, 32, 256) if args.full else (200, 16, 128)
     data = common.gcide()
-    shared = ["model_name=tiny-x12", f"data.dataset={data}", f"steps={steps}", f"batch_size={batch}",
-              f"seq_len={seq}", f"eval_every={steps}", "eval_batches=" + ("0" if args.full else "40"),
-              "checkpoint_every=0", f"log_every={max(10, steps // 20)}"]
+    shared = ["model_name=tiny-x12", *common.train_overrides(data, steps, batch, seq, args.full, evals=1, logs=20)]
     overrides, rows, losses, prev = [], [], [], None
     for i, (label, paper_delta, change) in enumerate(STEPS):
         overrides = overrides + change

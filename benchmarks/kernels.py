@@ -15,18 +15,18 @@ say nothing about accelerator performance.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ultramem_jax import kernels  # noqa: E402
-from ultramem_jax.platforms import skip_absent_tpu  # noqa: E402
 
 # tokens, selected rows per token (H·m), physical rows, value width, IVE blocks, cores
 POOL_SIZES = [(1024, 64, 1 << 16, 256, 4, 2), (4096, 128, 1 << 18, 384, 4, 2), (16384, 128, 1 << 20, 512, 4, 2)]
@@ -37,21 +37,13 @@ QUICK_POOL = [(64, 32, 4096, 128, 4, 2), (128, 64, 16384, 256, 4, 2)]
 QUICK_SEARCH = [(64, 2, 64, 128, 2, 2, 16, 16), (128, 2, 64, 256, 2, 2, 32, 32)]
 
 
-def timed(fn, *args, repeats):
-    """Best wall time of ``repeats`` calls after one warm-up (compilation) call."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+timed = functools.partial(common.timed_ms, best=True)  # ms; the best of the repeats
 
 
 def copy_bandwidth(repeats):
     x = jnp.ones((1 << 30) // 4 if jax.default_backend() != "cpu" else (16 << 20) // 4, jnp.float32)  # 1 GiB
     t = timed(jax.jit(lambda a: a + 1), x, repeats=repeats)
-    return 2 * x.nbytes / t / 1e9
+    return 2 * x.nbytes / t / 1e6
 
 
 def pool_case(size, impl, rng, repeats):
@@ -91,7 +83,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (best is kept)")
     parser.add_argument("--markdown", default="", help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
-    skip_absent_tpu()
     platform = jax.default_backend()
     impl = kernels.resolve("pallas")
     interpret = impl == "interpret"
@@ -116,8 +107,8 @@ def main(argv=None):
         floor, t = run(size, impl, rng, repeats)
         (xf, xb), (kf, kb) = t["xla"], t["kernel"]
         label = ("T={} K={} N={} D={} E={} C={}" if op == "gather_pool" else "T={} H={} Dk={} n={} r={} C={} P={} m={}")
-        line = (f"| {op} | {label.format(*size)} | {floor / 1e6:.2f} MB | {xf * 1e3:.2f} | {kf * 1e3:.2f} | "
-                f"{floor / xf / 1e9:.2f} | {floor / kf / 1e9:.2f} | {kf / xf:.2f} | {xb * 1e3:.2f} | {kb * 1e3:.2f} | "
+        line = (f"| {op} | {label.format(*size)} | {floor / 1e6:.2f} MB | {xf:.2f} | {kf:.2f} | "
+                f"{floor / xf / 1e6:.2f} | {floor / kf / 1e6:.2f} | {kf / xf:.2f} | {xb:.2f} | {kb:.2f} | "
                 f"{kb / xb:.2f} |")
         print(line, flush=True)
         lines.append(line)

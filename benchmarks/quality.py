@@ -43,9 +43,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     steps, batch, seq = (4000, 32, 256) if args.full else (400, 16, 128)
     data = common.gcide()
-    shared = [f"data.dataset={data}", f"steps={steps}", f"batch_size={batch}", f"seq_len={seq}",
-              "eval_every=" + str(steps // 4), "eval_batches=" + ("0" if args.full else "40"),
-              "checkpoint_every=0", f"log_every={max(10, steps // 40)}"]
+    shared = common.train_overrides(data, steps, batch, seq, args.full, evals=4, logs=40)
     rows, series = [], {}
     for label, preset in MODELS:
         cfg = load_config([f"model_name={preset}"]).model

@@ -121,10 +121,11 @@ def _scored_kernel(scal_ref, sr_ref, sc_ref, scores_ref, slots_ref, *, R, **kw):
     _select(scal_ref, s_row, s_col, scores_ref, slots_ref, R=R, **kw)
 
 
-def _select(scal_ref, s_row, s_col, scores_ref, slots_ref, *, n, R, C, P, Pp, M, Mp, additive, spread, scalar_row):
-    """Steps 2–4 on one head's token tile.  scal_ref holds [u (R), t (R), cores (C·R·R)] of each head."""
+def _select(scal_ref, s_row, s_col, scores_ref, slots_ref, *, n, R, C, P, Pp, M, Mp, additive, gpu):
+    """Steps 2–4 on one head's token tile.  scal_ref holds [u (R), t (R), cores (C·R·R)]: of every head in
+    SMEM on TPU, of this head's block on GPU."""
     h = pl.program_id(0)
-    scalar = (lambda j: scal_ref[h, j]) if scalar_row is None else (lambda j: scal_ref[0, j])
+    scalar = (lambda j: scal_ref[0, j]) if gpu else (lambda j: scal_ref[h, j])
     f32 = jnp.float32
     bt, Np = s_row[0].shape
     real = jax.lax.broadcasted_iota(jnp.int32, (bt, Np), 1) < n
@@ -136,7 +137,7 @@ def _select(scal_ref, s_row, s_col, scores_ref, slots_ref, *, n, R, C, P, Pp, M,
     idx_row, sel_row = _select_rounds(jnp.where(real, pre_row, NEG), s_row, P, Pp)
     idx_col, sel_col = _select_rounds(jnp.where(real, pre_col, NEG), s_col, P, Pp)
 
-    spread_fn = _spread_matmul if spread == "matmul" else _spread_broadcast
+    spread_fn = _spread_broadcast if gpu else _spread_matmul
     grid_row = [spread_fn(x, Pp, rows=True) for x in sel_row]
     grid_col = [spread_fn(x, Pp, rows=False) for x in sel_col]
     if additive:
@@ -225,8 +226,7 @@ def _pallas_search(q_row, q_col, k_row, k_col, cores, u, t, preselect, topk, add
         body = _fused_kernel
     out_specs = [pl.BlockSpec((sq, Cp, bt, Mp), lambda h, i: (h, 0, i, 0)),
                  pl.BlockSpec((sq, bt, Mp), lambda h, i: (h, i, 0))]
-    kernel = functools.partial(body, n=n, R=R, C=C, P=P, Pp=Pp, M=M, Mp=Mp, additive=additive,
-                               spread="broadcast" if gpu else "matmul", scalar_row=0 if gpu else None)
+    kernel = functools.partial(body, n=n, R=R, C=C, P=P, Pp=Pp, M=M, Mp=Mp, additive=additive, gpu=gpu)
     scores, slots = pl.pallas_call(
         kernel,
         grid=(H, Tp // bt),

@@ -13,8 +13,8 @@ Per model and batch size B it measures
     experts that at least one token chose, plus the value rows that at least one token retrieved.
 MoE and UltraMem are matched in total and activated parameters.  "dense" shares their backbone (as the
 paper's Dense-151M does: 0.30 against 0.35 GFLOPs); in quick mode "dense, wide FFN" also matches their
-activated parameters.  Inputs are byte windows of English text.  Weights are untrained (random init): routing and row
-reuse of a trained model differ, speed does not depend on the values.
+activated parameters.  Inputs are byte windows of English text.  Weights are untrained (random init):
+routing and row reuse of a trained model differ, speed does not depend on the values.
 
 Writes docs/results/inference[-full].md, inference[-full]-decode.png and inference[-full]-prefill.png.
 """
@@ -105,9 +105,9 @@ def report(rows, models, full, dtype, prefill_len, repeats):
              f"{'full' if full else 'quick'} (`python benchmarks/inference.py{' --full' if full else ''}`).",
              "Decode = one forward pass over B×1 new tokens without a KV cache (the weights' side of decoding; "
              f"attention over a long context is not included). Prefill = B×{prefill_len} tokens. Medians of "
-             f"{repeats} (decode) and {max(2, repeats // 3)} (prefill) timed calls after a warm-up. Bytes read = weights the step must read: dense weights "
-             "once, plus the experts / value rows this batch's routing used (untrained weights, English byte "
-             "inputs).", "",
+             f"{repeats} (decode) and {max(2, repeats // 3)} (prefill) timed calls after a warm-up. Bytes read = "
+             "weights the step must read: dense weights once, plus the experts / value rows this batch's "
+             "routing used (untrained weights, English byte inputs).", "",
              f"Headline (UltraMem {ultra!r} over MoE {moe!r} and over dense, decode latency; bytes read):", "",
              "| batch | UltraMem/MoE latency | " + " | ".join(f"UltraMem/{d} latency" for d in denses)
              + " | UltraMem/MoE bytes |", "|---|---|" + "---|" * len(denses) + "---|",
@@ -142,8 +142,7 @@ def main(argv=None):
         dtype = "float32"
     else:
         dtype = "bfloat16"
-    if not on_cpu:  # bring the clocks up before the first timed point
-        x = jnp.ones((4096, 4096), jnp.bfloat16)
+        x = jnp.ones((4096, 4096), jnp.bfloat16)  # bring the clocks up before the first timed point
         for _ in range(200):
             x = (x @ x) * 1e-3
         jax.block_until_ready(x)

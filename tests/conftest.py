@@ -6,6 +6,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # (used only to compile kernels for TPU topologies) from probing for a TPU.
 if not os.environ.get("ULTRAMEM_TEST_ACCELERATOR"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests only compile for TPU topologies, so they need not own libtpu's single-process lockfile: without this,
+# any other jax process on the machine that loaded libtpu fails every TPU compile test.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -107,8 +107,9 @@ def main(argv: list[str]) -> int:
         window["steps"] += 1
         if step % cfg.log_every and step != cfg.steps:
             return
-        elapsed = time.perf_counter() - window["t"]
-        step_time = elapsed / window["steps"]
+        now = time.perf_counter()
+        step_time = (now - window["t"]) / window["steps"]
+        window.update(t=now, steps=0)  # the logging below counts toward the next window
         tok_s = cfg.batch_size * cfg.seq_len / step_time
         record = training.to_float_dict(metrics)
         record.update(lr=float(lr_schedule(cfg.optim, cfg.steps)(step - 1)), tokens_per_s=tok_s,
@@ -122,7 +123,6 @@ def main(argv: list[str]) -> int:
             print(f"step {step:>6}/{cfg.steps} | loss {loss:.4f} | {tok_s / 1e3:.1f}k tok/s | "
                   f"MFU {record['mfu']:.1%} ({peak_source}) | ETA "
                   f"{training.format_duration(step_time * (cfg.steps - step))}{mem}", flush=True)
-        window.update(t=time.perf_counter(), steps=0)
 
     def run_eval(step):
         loss, count = training.validation_loss(eval_step, model_state, corpus.val, cfg, data_sharding)
@@ -141,8 +141,11 @@ def main(argv: list[str]) -> int:
         pending, done = (step + 1, metrics), step + 1
         save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps or stop
         eval_now = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-        if save_now or eval_now:
-            finish(*pending)  # the loss must be known finite before this state is saved
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
+        if save_now or eval_now or log_now:
+            # finished before the next step is dispatched: a saved state's loss must be known finite, and a
+            # logged window (its time and slot usage) must not take in part of the next step
+            finish(*pending)
             pending = None
         if eval_now:
             run_eval(done)
@@ -154,6 +157,8 @@ def main(argv: list[str]) -> int:
                     "tokenizer_vocab": corpus.tokenizer.vocab_size}
             ckpt.save(done, model_state, opt_state, train_iter, meta)
             last_saved = done
+        if eval_now or save_now:
+            window["t"] = time.perf_counter()  # evaluation and saving are not training throughput
         if stop:
             ckpt.wait()
             print(f"received signal {stop['signal']}: saved checkpoint at step {done}, exiting", flush=True)

@@ -1,7 +1,7 @@
 """Benchmark b: train-step and decode time against the number of physical value slots, all else fixed.
 
-    python benchmarks/scaling.py           # quick: tiny-x12, 2^14 … 2^22 rows per memory layer (2.5 min on 2
-                                           # CPU cores; about 9 GB of RAM at 2^22)
+    python benchmarks/scaling.py           # quick: tiny-x12, 2^14 … 2^22 rows per memory layer (about 3.5 min
+                                           # on 2 CPU cores; about 9 GB of RAM at 2^22)
     python benchmarks/scaling.py --full    # the same model with 4× the tokens per step (64 × 256); meant for a
                                            # GPU/TPU (minutes on one H100)
 
@@ -10,9 +10,11 @@ memory layers); the backbone, m = 16 winners per head and the batch stay fixed. 
 after a warm-up):
   * the full train step (forward, backward, AdamW update: train.py's jitted step);
   * forward + backward alone, without the optimizer;
+  * the key search alone, forward + backward, in every memory layer at the train step's token count;
   * a decode step: one forward pass over 64×1 tokens (no KV cache; see benchmarks/inference.py).
-AdamW updates every value row every step (the paper and its code train the table with dense Adam), so the
-optimizer's share grows linearly with the table while the lookup itself reads only m rows per token.
+The train step's growth then splits into the search (√N keys per side), the optimizer (step minus
+forward+backward: AdamW updates every value row every step, as the paper and its code do, so it grows linearly
+with the table) and the rest of forward+backward (backbone, the m-row gather and the dense value gradient).
 
 Writes docs/results/scaling[-full].md and scaling[-full].png.
 """
@@ -57,6 +59,8 @@ def measure(num_keys, batch, seq, repeats, rng):
         model = nnx.merge(model_def, state)
         return nnx.value_and_grad(lm_loss, has_aux=True)(model, toks)[1]
     grad_ms = common.timed_ms(jax.jit(loss_grad), model_state, tokens, repeats=repeats)
+    search_ms = len(nnx.merge(model_def, model_state).memories) * _search_ms(model_def, model_state, batch * seq,
+                                                                              repeats, rng)
     decode = jax.jit(lambda state, toks: nnx.merge(model_def, state)(toks)[0])
     step_tokens = jax.device_put(jnp.asarray(common.sample_tokens(rng, (DECODE_BATCH, 1), cfg.model.vocab_size)))
     decode_ms = common.timed_ms(decode, model_state, step_tokens, repeats=repeats)
@@ -74,7 +78,20 @@ def measure(num_keys, batch, seq, repeats, rng):
     step_ms = 1e3 * sorted(times)[len(times) // 2]
     counts = param_counts(cfg.model)
     return {"num_keys": num_keys, "rows": num_keys ** 2, "total": counts["total"], "step_ms": step_ms,
-            "grad_ms": grad_ms, "decode_ms": decode_ms}
+            "grad_ms": grad_ms, "search_ms": search_ms, "decode_ms": decode_ms}
+
+
+def _search_ms(model_def, model_state, tokens, repeats, rng):
+    """Forward + backward of the first memory layer's retrieval (query, key scores, top-m) over ``tokens`` tokens,
+    differentiated in its input and its own parameters but not the value table, which the search never reads."""
+    layer = nnx.merge(model_def, model_state).memories[0]
+    graph, params, rest = nnx.split(layer, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("values"))), ...)
+    x = jnp.asarray(rng.standard_normal((tokens, layer.query[...].shape[0])), jnp.float32)
+
+    def search_loss(params, x):
+        scores, _ = nnx.merge(graph, params, rest).retrieve(x)
+        return jnp.sum(scores.astype(jnp.float32))
+    return common.timed_ms(jax.jit(jax.grad(search_loss, argnums=(0, 1))), params, x, repeats=repeats)
 
 
 def main(argv=None):
@@ -96,7 +113,8 @@ def main(argv=None):
         r = measure(n, batch, seq, repeats, rng)
         rows.append(r)
         print(f"2^{int(np.log2(r['rows']))} rows: step {r['step_ms']:.1f} ms | fwd+bwd {r['grad_ms']:.1f} ms | "
-              f"decode {r['decode_ms']:.2f} ms | {r['total'] / 1e6:.1f}M params", flush=True)
+              f"search {r['search_ms']:.1f} ms | decode {r['decode_ms']:.2f} ms | {r['total'] / 1e6:.1f}M params",
+              flush=True)
     first, last = rows[0], rows[-1]
     suffix = "-full" if args.full else ""
     notes = [f"Device: {common.device_line()}. Mode: {'full' if args.full else 'quick'} "
@@ -106,18 +124,31 @@ def main(argv=None):
              f"Headline: from 2^{int(np.log2(first['rows']))} to 2^{int(np.log2(last['rows']))} rows "
              f"({last['rows'] // first['rows']}× the slots): train step {last['step_ms'] / first['step_ms']:.2f}×, "
              f"forward+backward {last['grad_ms'] / first['grad_ms']:.2f}×, decode {last['decode_ms'] / first['decode_ms']:.2f}×."]
+    if len(rows) > 1:
+        parts = {"the key search": lambda r: r["search_ms"],
+                 "the optimizer (step − fwd+bwd)": lambda r: r["step_ms"] - r["grad_ms"],
+                 "the rest of fwd+bwd": lambda r: r["grad_ms"] - r["search_ms"]}
+        growth = {name: part(last) - part(first) for name, part in parts.items()}
+        total = last["step_ms"] - first["step_ms"]
+        notes += ["", f"Where the train step's growth of {total:.1f} ms goes: " + ", ".join(
+            f"{name} {ms:+.1f} ms ({ms / total:.0%})" for name, ms in growth.items()) + ". The search is timed on "
+            "its own (the step may overlap it with other work); the other two parts are differences of two timings "
+            "and carry the noise of both."]
     table = [[f"2^{int(np.log2(r['rows']))}", r["num_keys"], f"{r['total'] / 1e6:.1f}M", f"{r['step_ms']:.1f}",
-              f"{r['grad_ms']:.1f}", f"{r['decode_ms']:.2f}", f"{r['step_ms'] / first['step_ms']:.2f}",
+              f"{r['grad_ms']:.1f}", f"{r['search_ms']:.1f}", f"{r['step_ms'] - r['grad_ms']:.1f}",
+              f"{r['decode_ms']:.2f}", f"{r['step_ms'] / first['step_ms']:.2f}",
               f"{r['decode_ms'] / first['decode_ms']:.2f}"] for r in rows]
     common.write_table(os.path.join(common.RESULTS, f"scaling{suffix}.md"),
                        "Benchmark b: cost against memory size", notes,
                        ["physical rows / layer", "num_keys n", "total params", "train step ms", "fwd+bwd ms",
-                        "decode ms", "step vs smallest", "decode vs smallest"], table)
+                        "search fwd+bwd ms (all layers)", "step − fwd+bwd ms", "decode ms", "step vs smallest",
+                        "decode vs smallest"], table)
     xs = [r["rows"] for r in rows]
     common.plot(os.path.join(common.RESULTS, f"scaling{suffix}.png"),
                 f"Cost vs memory size ({jax.devices()[0].device_kind})", "physical value rows per layer", "ms",
                 {"train step (with AdamW)": (xs, [r["step_ms"] for r in rows]),
                  "forward+backward": (xs, [r["grad_ms"] for r in rows]),
+                 "key search fwd+bwd": (xs, [r["search_ms"] for r in rows]),
                  f"decode ({DECODE_BATCH}×1)": (xs, [r["decode_ms"] for r in rows])}, logx=True, logy=True)
     return 0
 

@@ -59,8 +59,8 @@ def measure(num_keys, batch, seq, repeats, rng):
         model = nnx.merge(model_def, state)
         return nnx.value_and_grad(lm_loss, has_aux=True)(model, toks)[1]
     grad_ms = common.timed_ms(jax.jit(loss_grad), model_state, tokens, repeats=repeats)
-    search_ms = len(nnx.merge(model_def, model_state).memories) * _search_ms(model_def, model_state, batch * seq,
-                                                                              repeats, rng)
+    memories = nnx.merge(model_def, model_state).memories
+    search_ms = len(memories) * _search_ms(memories[0], batch * seq, repeats, rng)
     decode = jax.jit(lambda state, toks: nnx.merge(model_def, state)(toks)[0])
     step_tokens = jax.device_put(jnp.asarray(common.sample_tokens(rng, (DECODE_BATCH, 1), cfg.model.vocab_size)))
     decode_ms = common.timed_ms(decode, model_state, step_tokens, repeats=repeats)
@@ -81,10 +81,9 @@ def measure(num_keys, batch, seq, repeats, rng):
             "grad_ms": grad_ms, "search_ms": search_ms, "decode_ms": decode_ms}
 
 
-def _search_ms(model_def, model_state, tokens, repeats, rng):
-    """Forward + backward of the first memory layer's retrieval (query, key scores, top-m) over ``tokens`` tokens,
+def _search_ms(layer, tokens, repeats, rng):
+    """Forward + backward of one memory layer's retrieval (query, key scores, top-m) over ``tokens`` tokens,
     differentiated in its input and its own parameters but not the value table, which the search never reads."""
-    layer = nnx.merge(model_def, model_state).memories[0]
     graph, params, rest = nnx.split(layer, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("values"))), ...)
     x = jnp.asarray(rng.standard_normal((tokens, layer.query[...].shape[0])), jnp.float32)
 

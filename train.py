@@ -94,8 +94,11 @@ def main(argv: list[str]) -> int:
     stop = {}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.setdefault("signal", signum))
 
-    window = {"t": time.perf_counter(), "steps": 0, "step_time": None}
+    window = {"t": time.perf_counter(), "steps": 0}
     last_saved = start
+
+    def logs_at(step):
+        return step % cfg.log_every == 0 or step == cfg.steps
 
     def finish(step, metrics):
         """Reads step ``step``'s metrics (blocking on it alone), stops on a non-finite loss, logs."""
@@ -105,7 +108,7 @@ def main(argv: list[str]) -> int:
             raise Diverged(f"loss is {loss} at step {step}; stopped without saving this state "
                            f"(the newest checkpoint is step {last_saved})")
         window["steps"] += 1
-        if step % cfg.log_every and step != cfg.steps:
+        if not logs_at(step):
             return
         now = time.perf_counter()
         step_time = (now - window["t"]) / window["steps"]
@@ -141,8 +144,7 @@ def main(argv: list[str]) -> int:
         pending, done = (step + 1, metrics), step + 1
         save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps or stop
         eval_now = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-        log_now = done % cfg.log_every == 0 or done == cfg.steps
-        if save_now or eval_now or log_now:
+        if save_now or eval_now or logs_at(done):
             # finished before the next step is dispatched: a saved state's loss must be known finite, and a
             # logged window (its time and slot usage) must not take in part of the next step
             finish(*pending)

@@ -149,6 +149,7 @@ def main(argv: list[str]) -> int:
             # logged window (its time and slot usage) must not take in part of the next step
             finish(*pending)
             pending = None
+        paused = time.perf_counter()
         if eval_now:
             run_eval(done)
         if save_now and not bool(training.all_finite(model_state)):
@@ -159,8 +160,7 @@ def main(argv: list[str]) -> int:
                     "tokenizer_vocab": corpus.tokenizer.vocab_size}
             ckpt.save(done, model_state, opt_state, train_iter, meta)
             last_saved = done
-        if eval_now or save_now:
-            window["t"] = time.perf_counter()  # evaluation and saving are not training throughput
+        window["t"] += time.perf_counter() - paused  # evaluation and saving are not training throughput
         if stop:
             ckpt.wait()
             print(f"received signal {stop['signal']}: saved checkpoint at step {done}, exiting", flush=True)

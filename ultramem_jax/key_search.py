@@ -5,15 +5,84 @@
 
 ``search`` is the oracle and the XLA fallback of ``pallas_kernels.key_search``, which has the same signature.
 ``rescore`` recomputes the winners' scores from their slot ids; its gradient equals the search's (the top-m
-selection itself is piecewise constant), so the kernels' backward pass is ``jax.vjp`` of it.
-Shapes: T tokens, H heads, N keys per side, D key width, R Tucker rank, C cores, M winners per head.
+selection itself is piecewise constant), so both the kernels' backward pass and this op's are ``rescore``'s.
+Shapes: T tokens, H heads, N keys per side, D key width, R Tucker rank, C cores, P pre-selected keys per side,
+M winners per head.
+
+``select`` picks the same winners as ``tdqkr.tdqkr_topk`` / ``product_keys.product_key_topk`` over the full
+rank scores (up to float rounding at near-ties) but never forms a T×H×R×N array:
+  * the pre-selection score uᵀS_row = q·(K_row u) takes one matmul with the keys folded along the rank
+    (an R-th of the rank scores' work);
+  * only the P pre-selected keys per token get their R rank scores (a gather, not a T×H×R×N matmul);
+  * the P×P grid is scored once with Σ_c C⁽ᶜ⁾ (the selection only needs the sum); the per-core scores of the
+    M winners come from ``rescore``;
+  * no gradient goes through the selection; ``rescore``'s backward touches only the M winners' keys.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ultramem_jax import product_keys, tdqkr
+
+def _pick(keys_HxNxDxR, ids_TxHxK):
+    """keys[h, ids[t, h, k]] → T×H×K×D×R."""
+    return jax.vmap(lambda keys_NxDxR, ids_TxK: keys_NxDxR[ids_TxK], in_axes=(0, 1), out_axes=1)(keys_HxNxDxR,
+                                                                                              ids_TxHxK)
+
+
+def top_ids(scores_TxHxN, k: int):
+    """Ids of the k best scores, best first, ties to the lowest id (``lax.top_k``'s order)."""
+    return jax.lax.top_k(scores_TxHxN, k)[1]
+
+
+def preselect_scores(query_TxHxD, keys_HxNxDxR, direction_HxR):
+    """<q, K·direction> for every key, T×H×N in float32: the rank-1 pre-selection score uᵀS (tᵀS)."""
+    folded_HxNxD = jnp.einsum("hndr,hr->hnd", keys_HxNxDxR.astype(jnp.float32), direction_HxR.astype(jnp.float32))
+    return jnp.einsum("thd,hnd->thn", query_TxHxD, folded_HxNxD.astype(query_TxHxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def rank_scores_at(query_TxHxD, keys_HxNxDxR, ids_TxHxP):
+    """The R rank scores of the keys ``ids`` only, T×H×R×P in float32."""
+    return jnp.einsum("thd,thpdr->thrp", query_TxHxD, _pick(keys_HxNxDxR, ids_TxHxP),
+                      preferred_element_type=jnp.float32)
+
+
+def candidate_grid(s_row_TxHxRxP, s_col_TxHxRxP, cores_CxHxRxR, additive: bool):
+    """The P×P candidates' selection scores T×H×P·P (flat index i·P + j): s_row + s_col, or Σ_c S_rowᵀC⁽ᶜ⁾S_col."""
+    if additive:
+        grid_TxHxPxP = s_row_TxHxRxP[:, :, 0, :, None] + s_col_TxHxRxP[:, :, 0, None, :]
+    else:
+        c_sum_HxRxR = cores_CxHxRxR.astype(jnp.float32).sum(axis=0)
+        grid_TxHxPxP = jnp.einsum("thap,hab,thbq->thpq", s_row_TxHxRxP, c_sum_HxRxR, s_col_TxHxRxP)
+    T, H, P, _ = grid_TxHxPxP.shape
+    return grid_TxHxPxP.reshape(T, H, P * P)
+
+
+def winners(grid_TxHxPP, rows_TxHxP, cols_TxHxP, n: int, topk: int):
+    """Slot ids (row·n + col) of the ``topk`` best candidates, best first."""
+    P = rows_TxHxP.shape[-1]
+    flat_TxHxM = top_ids(grid_TxHxPP, topk)
+    rows = jnp.take_along_axis(rows_TxHxP, flat_TxHxM // P, axis=-1)
+    cols = jnp.take_along_axis(cols_TxHxP, flat_TxHxM % P, axis=-1)
+    return (rows * n + cols).astype(jnp.int32)
+
+
+def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
+           preselect: int, topk: int, additive: bool = False):
+    """The winners' slot ids T×H×M (slot = row·N + col), best first; no gradient."""
+    q_row, q_col, k_row, k_col = jax.lax.stop_gradient(
+        (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR))
+    if additive:  # rank 1: the pre-selection score is the key score itself, as in product_key_topk
+        cores_CxHxRxR = None
+        u_HxR = t_HxR = jnp.ones(k_row.shape[::3], jnp.float32)
+    else:
+        cores_CxHxRxR = jax.lax.stop_gradient(cores_CxHxRxR)
+    rows_TxHxP = top_ids(preselect_scores(q_row, k_row, u_HxR), preselect)
+    cols_TxHxP = top_ids(preselect_scores(q_col, k_col, t_HxR), preselect)
+    grid_TxHxPP = candidate_grid(rank_scores_at(q_row, k_row, rows_TxHxP), rank_scores_at(q_col, k_col, cols_TxHxP),
+                                 cores_CxHxRxR, additive)
+    return winners(grid_TxHxPP, rows_TxHxP, cols_TxHxP, k_row.shape[1], topk)
 
 
 def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
@@ -22,12 +91,11 @@ def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
 
     ``additive`` selects PKM scoring (s_row + s_col, rank 1, one core); ``cores``, ``u``, ``t`` are then unused.
     """
-    s_row = tdqkr.rank_key_scores(query_row_TxHxD, keys_row_HxNxDxR)
-    s_col = tdqkr.rank_key_scores(query_col_TxHxD, keys_col_HxNxDxR)
-    if additive:
-        scores, slots = product_keys.product_key_topk(s_row[:, :, 0], s_col[:, :, 0], preselect, topk)
-        return scores[..., None], slots
-    return tdqkr.tdqkr_topk(s_row, s_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk)
+    slots_TxHxM = select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
+                         u_HxR, t_HxR, preselect, topk, additive)
+    scores_TxHxMxC = rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
+                             slots_TxHxM, additive)
+    return scores_TxHxMxC, slots_TxHxM
 
 
 def rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
@@ -35,9 +103,8 @@ def rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR
     """The scores ``search`` returns for the winners ``slots``, computed from their keys alone."""
     n = keys_row_HxNxDxR.shape[1]
     rows, cols = slots_TxHxM // n, slots_TxHxM % n
-    pick = jax.vmap(lambda keys_NxDxR, ids_TxM: keys_NxDxR[ids_TxM], in_axes=(0, 1), out_axes=1)
-    s_row_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_row_TxHxD, pick(keys_row_HxNxDxR, rows))
-    s_col_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_col_TxHxD, pick(keys_col_HxNxDxR, cols))
+    s_row_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_row_TxHxD, _pick(keys_row_HxNxDxR, rows))
+    s_col_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_col_TxHxD, _pick(keys_col_HxNxDxR, cols))
     if additive:
         return (s_row_TxHxMxR[..., 0] + s_col_TxHxMxR[..., 0])[..., None]
     return jnp.einsum("thma,chab,thmb->thmc", s_row_TxHxMxR, cores_CxHxRxR, s_col_TxHxMxR)

@@ -1,0 +1,112 @@
+"""key_search.search against brute force over the whole grid and against the op it replaced: full rank scores
+(tdqkr.rank_key_scores) fed to tdqkr.tdqkr_topk / product_key_topk, differentiated through lax.top_k."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ultramem_jax import key_search, tdqkr
+from ultramem_jax.product_keys import product_key_topk
+
+
+def _inputs(rng, T, H, D, n, R, C):
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    cores = jnp.asarray(rng.uniform(-0.3, 1.0, (C, H, R, R)), jnp.float32)
+    u, t = tdqkr.refresh_tucker_vectors(cores, *tdqkr.initial_tucker_vectors(H, R))
+    return [f(T, H, D), f(T, H, D), f(H, n, D, R), f(H, n, D, R), cores, u, t]
+
+
+def _full_scores_op(q_row, q_col, k_row, k_col, cores, u, t, P, M, additive):
+    """The search as it was: every key's R rank scores, then the top-m ops on them."""
+    s_row, s_col = tdqkr.rank_key_scores(q_row, k_row), tdqkr.rank_key_scores(q_col, k_col)
+    if additive:
+        scores, slots = product_key_topk(s_row[:, :, 0], s_col[:, :, 0], P, M)
+        return scores[..., None], slots
+    return tdqkr.tdqkr_topk(s_row, s_col, cores, u, t, P, M)
+
+
+def _clear(selection_TxHxM, atol):
+    """Winners whose selection score is clearly apart from their neighbours' (f32 sum order may swap
+    near-ties)."""
+    gaps = np.abs(np.diff(np.asarray(selection_TxHxM), axis=-1))
+    clear = np.ones(selection_TxHxM.shape, bool)
+    clear[..., 1:] &= gaps > atol
+    clear[..., :-1] &= gaps > atol
+    assert clear.mean() > 0.8, "inputs too tied to compare"
+    return clear
+
+
+CASES = [  # T, H, D, n, R, C, preselect, topk, additive
+    (37, 2, 24, 50, 2, 2, 12, 20, False),
+    (21, 3, 16, 130, 3, 3, 16, 16, False),
+    (19, 1, 8, 33, 1, 1, 7, 30, False),
+    (23, 2, 20, 41, 1, 1, 10, 30, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_search_equals_the_full_score_op(rng, case):
+    """Same winners and scores as the op that scored every key, and the same gradients."""
+    T, H, D, n, R, C, P, M, additive = case
+    args = _inputs(rng, T, H, D, n, R, C)
+    scores, slots = jax.jit(lambda *a: key_search.search(*a, P, M, additive))(*args)
+    want_scores, want_slots = _full_scores_op(*args, P, M, additive)
+    assert scores.shape == want_scores.shape and slots.dtype == jnp.int32
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
+    clear = _clear(want_scores.sum(-1), 1e-4)
+    np.testing.assert_array_equal(np.asarray(slots)[clear], np.asarray(want_slots)[clear])
+
+    g = jnp.asarray(rng.standard_normal(scores.shape), jnp.float32)
+    diff = (0, 1, 2, 3) if additive else (0, 1, 2, 3, 4)
+    got = jax.grad(lambda *a: jnp.sum(key_search.search(*a, P, M, additive)[0] * g), diff)(*args)
+    want = jax.grad(lambda *a: jnp.sum(_full_scores_op(*a, P, M, additive)[0] * g), diff)(*args)
+    if not np.array_equal(slots, want_slots):  # a swapped near-tie moves a gradient between two keys
+        pytest.skip("near-tie changed a winner; gradients not comparable")
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * (1 + float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_full_preselection_is_brute_force_top_m(rng, additive):
+    """Pre-selecting every key makes the search exact (signed full-rank cores too): the true top-m of the whole
+    n×n grid, scored independently in NumPy; each winner's per-core score is that core's own grid score."""
+    T, H, D, n, M = 9, 2, 12, 14, 16
+    R, C = (1, 1) if additive else (3, 2)
+    q_row, q_col, k_row, k_col, cores, u, t = _inputs(rng, T, H, D, n, R, C)
+    scores, slots = key_search.search(q_row, q_col, k_row, k_col, cores, u, t, n, M, additive)
+    s_row = np.einsum("thd,hndr->thnr", np.asarray(q_row, np.float64), np.asarray(k_row, np.float64))
+    s_col = np.einsum("thd,hndr->thnr", np.asarray(q_col, np.float64), np.asarray(k_col, np.float64))
+    if additive:
+        per_core = (s_row[:, :, :, None, 0] + s_col[:, :, None, :, 0])[..., None]
+    else:
+        per_core = np.einsum("thia,chab,thjb->thijc", s_row, np.asarray(cores, np.float64), s_col)
+    per_core = per_core.reshape(T, H, n * n, C)
+    order = np.argsort(-per_core.sum(-1), axis=-1, kind="stable")[..., :M]
+    best = np.take_along_axis(per_core.sum(-1), order, axis=-1)
+    clear = _clear(best, 1e-4)
+    np.testing.assert_array_equal(np.asarray(slots)[clear], order[clear])
+    np.testing.assert_allclose(scores, np.take_along_axis(per_core, np.asarray(slots)[..., None], axis=2),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_ties_go_to_the_lowest_id_like_top_k(rng):
+    """Duplicate keys tie exactly; the winners must then follow lax.top_k's order (lowest id first)."""
+    T, H, D, n, R, C, P, M = 6, 2, 8, 20, 2, 2, 6, 10
+    args = _inputs(rng, T, H, D, n, R, C)
+    for side in (2, 3):
+        args[side] = args[side].at[:, 10:].set(args[side][:, :10])  # keys 10..19 repeat keys 0..9
+    scores, slots = key_search.search(*args, P, M)
+    want_scores, want_slots = _full_scores_op(*args, P, M, False)
+    np.testing.assert_array_equal(slots, want_slots)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert np.any(np.asarray(slots) // n >= 10) and np.any(np.asarray(slots) % n >= 10)  # tied twins won too
+
+
+def test_bfloat16_inputs_give_bfloat16_scores(rng):
+    T, H, D, n, R, C, P, M = 8, 2, 16, 30, 2, 2, 8, 12
+    args = _inputs(rng, T, H, D, n, R, C)
+    low = [a.astype(jnp.bfloat16) for a in args[:5]] + args[5:]
+    scores, slots = key_search.search(*low, P, M)
+    assert scores.dtype == jnp.bfloat16 and slots.dtype == jnp.int32
+    # the winners' scores are those rescore gives for them, in the inputs' dtype
+    np.testing.assert_array_equal(scores, key_search.rescore(*low[:5], slots))

@@ -113,7 +113,7 @@ def stages(x, P, M):
     }
 
 
-def time_interleaved(fns, repeats):
+def time_interleaved(fns, repeats, clock=time.perf_counter):
     """Median ms of each jitted fn, calling them round-robin."""
     jitted = [jax.jit(f) for f, _ in fns]
     for f, (_, a) in zip(jitted, fns):
@@ -121,9 +121,9 @@ def time_interleaved(fns, repeats):
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, (f, (_, a)) in enumerate(zip(jitted, fns)):
-            t0 = time.perf_counter()
+            t0 = clock()
             jax.block_until_ready(f(*a))
-            times[i].append(time.perf_counter() - t0)
+            times[i].append(clock() - t0)
     return [1e3 * float(np.median(ts)) for ts in times]
 
 
@@ -140,6 +140,9 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny-x12", help="model preset whose memory shapes to use")
     p.add_argument("--tokens", type=int, default=0, help="tokens per call; default the preset's batch × seq")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per stage (median)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (all threads): steadier on a machine that other "
+                        "jobs load, but it counts XLA's parallel threads twice")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.tokens < 0:
         common.fail("--repeats must be >= 1 and --tokens >= 0")
@@ -153,13 +156,14 @@ def main(argv=None):
     T = args.tokens or cfg.batch_size * cfg.seq_len
     H, D, n, R, C, P, M = mem.heads, mem.key_dim, mem.keys_per_side, mem.rank, mem.cores, mem.m_pre, mem.topk
     print(f"{common.device_line()} | {args.preset}: T={T} tokens, H={H} heads, n'={n} keys per side, D={D}, "
-          f"R={R}, C={C}, m_pre={P}, m={M} | median of {args.repeats}, interleaved", flush=True)
+          f"R={R}, C={C}, m_pre={P}, m={M} | median {args.clock} time of {args.repeats} calls, interleaved", flush=True)
     x = inputs(np.random.default_rng(0), T, H, D, n, R, C)
     same, diff = check_same(x, P, M)
     print(f"same winners: {same:.4%} of slots; max |score difference| {diff:.2e}")
     rows = stages(x, P, M)
     fns = [f for pair in rows.values() for f in pair if f is not None]
-    ms = iter(time_interleaved(fns, args.repeats))
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    ms = iter(time_interleaved(fns, args.repeats, clock))
     print(f"{'stage':<70} {'old ms':>8} {'new ms':>8} {'old/new':>8}")
     for name, (old, new) in rows.items():
         o = next(ms) if old is not None else None

@@ -16,12 +16,15 @@ rank scores (up to float rounding at near-ties) but never forms a T×H×R×N arr
   * only the P pre-selected keys per token get their R rank scores (a gather, not a T×H×R×N matmul);
   * the P×P grid is scored once with Σ_c C⁽ᶜ⁾ (the selection only needs the sum); the per-core scores of the
     M winners come from ``rescore``;
-  * no gradient goes through the selection; ``rescore``'s backward touches only the M winners' keys.
+  * no gradient goes through the selection; ``rescore``'s backward touches only the M winners' keys;
+  * the three top-k's run as a sorting network on CPU, where XLA's TopK is a scalar sort per row (topk.py).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from ultramem_jax import topk
 
 
 def _pick(keys_HxNxDxR, ids_TxHxK):
@@ -31,8 +34,9 @@ def _pick(keys_HxNxDxR, ids_TxHxK):
 
 
 def top_ids(scores_TxHxN, k: int):
-    """Ids of the k best scores, best first, ties to the lowest id (``lax.top_k``'s order)."""
-    return jax.lax.top_k(scores_TxHxN, k)[1]
+    """Ids of the k best scores, best first, ties to the lowest id (``lax.top_k``'s order; a sorting network
+    on CPU, topk.py)."""
+    return topk.top_k_ids(scores_TxHxN, k)
 
 
 def preselect_scores(query_TxHxD, keys_HxNxDxR, direction_HxR):

@@ -14,7 +14,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from ultramem_jax import data, training
 from ultramem_jax.checkpointing import Checkpointer, abstract_like
@@ -24,6 +23,7 @@ from ultramem_jax.metrics import MetricsLogger
 from ultramem_jax.optim import lr_schedule
 from ultramem_jax.params import param_counts
 from ultramem_jax.platforms import skip_absent_tpu
+from ultramem_jax.stats import health_line, usage_stats
 from ultramem_jax.train_config import config_fingerprint, load_config
 
 CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -117,15 +117,15 @@ def main(argv: list[str]) -> int:
         record = training.to_float_dict(metrics)
         record.update(lr=float(lr_schedule(cfg.optim, cfg.steps)(step - 1)), tokens_per_s=tok_s,
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()), step_time_s=step_time)
-        record.update({f"mem{i}/slots_hit": float(np.mean(u)) for i, u in enumerate(jax.device_get(usage))})
+        for i, counts in enumerate(jax.device_get(usage)):
+            record[f"mem{i}/usage"], record[f"mem{i}/usage_entropy"] = usage_stats(counts)
         usage = training.new_usage(cfg, mesh)
         logger.write(step, record)
         if is_main:
-            mem = " | slots hit " + "/".join(f"{record[f'mem{i}/slots_hit']:.0%}" for i in range(len(usage))) \
-                if usage else ""
             print(f"step {step:>6}/{cfg.steps} | loss {loss:.4f} | {tok_s / 1e3:.1f}k tok/s | "
                   f"MFU {record['mfu']:.1%} ({peak_source}) | ETA "
-                  f"{training.format_duration(step_time * (cfg.steps - step))}{mem}", flush=True)
+                  f"{training.format_duration(step_time * (cfg.steps - step))}"
+                  f"{health_line(record, len(usage))}", flush=True)
 
     def run_eval(step):
         loss, count = training.validation_loss(eval_step, model_state, corpus.val, cfg, data_sharding)

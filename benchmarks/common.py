@@ -38,10 +38,29 @@ def gcide() -> str:
     return GCIDE_PREPARED
 
 
-def train_run(name: str, overrides: list[str], out_root: str) -> dict:
-    """Runs train.py with ``overrides``; returns its final validation loss, loss curve and wall time."""
+def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool = False) -> dict:
+    """Runs train.py with ``overrides``; returns its final validation loss, loss curve and wall time.
+
+    With ``reuse``, a finished run in the same directory whose resolved config (every key, defaults included)
+    equals this one's is read back instead of trained again, so benchmarks can share rows; a changed default
+    changes the resolved config and forces a new run.
+    """
+    import hashlib
+
+    from ultramem_jax.train_config import load_config
+    resolved = load_config(list(overrides)).to_dict()
+    resolved.pop("output_dir")
+    if name is None:  # named by what it trains: identical configs share one run
+        digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+        name = f"{resolved['model_name']}-{digest}"
     out = os.path.join(out_root, name)
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+    done_file = os.path.join(out, "benchmark_run.json")
+    if reuse and os.path.exists(done_file):
+        with open(done_file) as fh:
+            done = json.load(fh)
+        if done.get("config") == json.loads(json.dumps(resolved)):
+            return _read_run(name, out, done["seconds"])
+    if os.path.exists(out):
         import shutil
         shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *overrides]
@@ -50,12 +69,21 @@ def train_run(name: str, overrides: list[str], out_root: str) -> dict:
     seconds = time.time() - t0
     if proc.returncode:
         fail(f"run {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    run = _read_run(name, out, seconds)
+    with open(done_file, "w") as fh:
+        json.dump({"overrides": list(overrides), "config": resolved, "seconds": seconds}, fh)
+    return run
+
+
+def _read_run(name: str, out: str, seconds: float) -> dict:
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
     train = [(r["step"], r["ce"]) for r in records if r.get("kind") == "train" and "ce" in r]
     evals = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
     if not evals:
         fail(f"run {name} wrote no validation loss")
-    return {"name": name, "val_loss": evals[-1][1], "train_curve": train, "val_curve": evals, "seconds": seconds}
+    last_train = [r for r in records if r.get("kind") == "train"][-1:] or [{}]
+    return {"name": name, "val_loss": evals[-1][1], "train_curve": train, "val_curve": evals, "seconds": seconds,
+            "last_train": last_train[0]}
 
 
 def train_overrides(data: str, steps: int, batch: int, seq: int, full: bool, evals: int, logs: int) -> list[str]:

@@ -62,6 +62,20 @@ def validation_loss(cfg, model, mesh, rules, corpus) -> tuple[float, int]:
                                     batch_sharding(mesh, rules))
 
 
+def memory_report(cfg, model, mesh, rules, corpus, batches: int = 8) -> str:
+    """The memory-health statistics train.py logs, measured on validation batches, one line per layer."""
+    model_def, model_state = nnx.split(model)
+    r = training.memory_health_report(model_def, model_state, corpus.val, cfg, batch_sharding(mesh, rules), batches)
+    lines = [f"memory health over {batches} validation batches (out/stream: memory output RMS / residual RMS "
+             f"where it is added; H: entropy of the reads over rows / log N)"]
+    for k in range(cfg.model.num_memory_layers):
+        g = lambda name: r.get(f"mem{k}/{name}", float("nan"))  # noqa: E731
+        lines.append(f"  mem{k}: out/stream {g('out_rms') / g('resid_rms'):.3f} (out {g('out_rms'):.4f}, stream "
+                     f"{g('resid_rms'):.4f}) | top1 {g('top1_score'):.3f} topm {g('topm_score'):.3f} | rows used "
+                     f"{g('usage'):.1%} H {g('usage_entropy'):.3f}")
+    return "\n".join(lines)
+
+
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
            max_len: int) -> str:
     """Autoregressive sampling (full recompute per token: simple, fine for short demos)."""
@@ -101,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--no-loss", action="store_true", help="skip the validation pass")
+    p.add_argument("--no-health", action="store_true", help="skip the memory-health report")
     args, rest = p.parse_known_args(argv)
     try:
         cfg, model, step, mesh, rules = load_run(args.run_dir, args.step, rest)
@@ -109,6 +124,8 @@ def main(argv=None) -> int:
             loss, count = validation_loss(cfg, model, mesh, rules, corpus)
             print(f"step {step} | val_loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | {count:,} tokens | "
                   f"{len(jax.devices())} {jax.devices()[0].platform} device(s)")
+        if cfg.model.num_memory_layers and not args.no_health:
+            print(memory_report(cfg, model, mesh, rules, corpus))
         if args.prompt is not None:
             text = sample(model, corpus.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                           cfg.seed, cfg.seq_len)

@@ -38,7 +38,7 @@ def _param(init, rngs, shape, names, std=None):
     return nnx.Param(value, out_sharding=names)
 
 
-def _rms_normalize(x, eps=1e-6):
+def _rms_normalize(x, eps):
     x32 = x.astype(jnp.float32)
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
@@ -76,8 +76,8 @@ class UltraMemLayer(nnx.Module):
             self.refresh_tucker()  # before any forward: never pre-select with stale or zero vectors
         self.values = _param(None, rngs, (N, Dv), (sh.VALUE_ROWS, sh.VALUE_DIM), std=value_std(cfg, num_layers))
         if cfg.output_proj:
-            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED),
-                                   std=(E * Dv) ** -0.5)
+            std = (E * Dv) ** -0.5 if cfg.out_proj_std is None else cfg.out_proj_std
+            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED), std=std)
         self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
                             if cfg.shuffle and E > 1 else None)
         self.layout: lookup.MemoryLayout | None = None  # how the value table is split (set by create_model)
@@ -108,8 +108,8 @@ class UltraMemLayer(nnx.Module):
         q_TxQx2xD = q.reshape(T, self.query_heads, 2, cfg.key_dim)
         keys = self.keys[...].astype(x_TxD.dtype)
         if cfg.qk_norm:
-            q_TxQx2xD = _rms_normalize(q_TxQx2xD) * self.query_norm[...].astype(q.dtype)
-            keys = _rms_normalize(jnp.moveaxis(keys, 3, -1)) * self.key_norm[...].astype(q.dtype)
+            q_TxQx2xD = _rms_normalize(q_TxQx2xD, cfg.norm_eps) * self.query_norm[...].astype(q.dtype)
+            keys = _rms_normalize(jnp.moveaxis(keys, 3, -1), cfg.norm_eps) * self.key_norm[...].astype(q.dtype)
             keys = jnp.moveaxis(keys, -1, 3)
         q_TxHx2xD = jnp.broadcast_to(q_TxQx2xD, (T, cfg.heads, 2, cfg.key_dim))
         if cfg.retrieval == "tdqkr":
@@ -142,6 +142,8 @@ class UltraMemLayer(nnx.Module):
         out_TxD = lookup.memory_lookup(self.layout, self.values[...], out_proj, ids_TxK,
                                        scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion,
                                        impl=self.impl)
+        if cfg.output_scale != 1.0:
+            out_TxD = out_TxD * cfg.output_scale
         selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by
         info = {"rows": ids_TxK % cfg.num_values, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
         return out_TxD.reshape(B, S, D), info

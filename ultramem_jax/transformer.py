@@ -22,6 +22,10 @@ def _normal(rngs, shape, std, names):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
+def _rms(x) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(jax.lax.stop_gradient(x).astype(jnp.float32))))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(sh.NORM,))
@@ -127,7 +131,8 @@ class TransformerLM(nnx.Module):
             if i in read_at:  # the memory runs off the critical path until its output is due
                 pending, info = self.memories[read_at[i]](ffn_in)
                 mem_info.append(info)
-            if i in add_after:
+            if i in add_after:  # health: how loud the memory is next to the stream it joins
+                mem_info[add_after[i]].update(out_rms=_rms(pending), resid_rms=_rms(x))
                 x, pending = x + pending.astype(x.dtype), None
             hidden.append(x)
         x = self.final_norm(x)

@@ -1,0 +1,114 @@
+"""The memory diagnostic ladder: why a memory helps or hurts at small scale, one rung per row, same batches.
+
+    python benchmarks/ladder.py                     # every rung, seed 0, the quality benchmark's quick budget
+    python benchmarks/ladder.py --only softmax,zero --seeds 0,1,2
+    python benchmarks/ladder.py --dataset my.txt    # any train.py data.dataset (default: GCIDE bytes)
+
+Each rung is tiny-x12 (or a baseline) with a few overrides on top of the shipped defaults; every rung sees the
+same batches for a given seed (the seed sets model init and data order, as in train.py). Rows report the
+validation loss (mean and spread over seeds), its gap to the activated-matched dense model, and memory health at
+the end of training (memory output RMS / residual RMS where it is added, rows used in the last window, the
+value-table gradient norm next to the rest). Runs are kept under runs/bench/ and reused by quality.py when their
+resolved config is identical. Writes docs/results/ladder[-<dataset>].md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+M, O = "model.memory.", "optim."
+PAPER = [M + "value_init=paper", M + "out_proj_std=null", M + "score_activation=identity",
+         O + "value_lr_multiplier=4.0"]  # the paper's V1 recipe, whatever the shipped defaults are
+# (group, label, preset, overrides)
+RUNGS = [
+    ("baseline", "dense (the backbone)", "tiny-dense", []),
+    ("baseline", "dense, wide FFN (activated-matched)", "tiny-dense-wide", []),
+    ("baseline", "MoE 2 in 24 (total-matched)", "tiny-moe-2in24", []),
+    ("baseline", "UltraMem, shipped defaults", "tiny-x12", []),
+    ("baseline", "UltraMem, the paper's V1 recipe", "tiny-x12", PAPER),
+    ("wiring", "paper recipe, memory output x 0", "tiny-x12", PAPER + [M + "output_scale=0.0"]),
+    ("output scale", "paper + value init 0.02 (released code)", "tiny-x12", PAPER + [M + "value_init=code"]),
+    ("output scale", "paper + zero-init output projection", "tiny-x12", PAPER + [M + "out_proj_std=0.0"]),
+    ("output scale", "paper + output projection std 0.02/sqrt(2L)", "tiny-x12", PAPER + [M + "out_proj_std=0.00707"]),
+    ("output scale", "paper + q/k-norm init from the paper", "tiny-x12", PAPER + [M + "norm_init=paper"]),
+    ("output scale", "paper + softmax scores", "tiny-x12", PAPER + [M + "score_activation=softmax"]),
+    ("output scale", "paper + relu scores", "tiny-x12", PAPER + [M + "score_activation=relu"]),
+    ("optimizer", "paper + separate value clipping", "tiny-x12", PAPER + [O + "value_grad_clip=1.0"]),
+    ("optimizer", "paper + constant value LR 1e-3", "tiny-x12", PAPER + [O + "value_learning_rate=1e-3"]),
+    ("optimizer", "paper + value LR multiplier 1x", "tiny-x12", PAPER + [O + "value_lr_multiplier=1.0"]),
+    ("optimizer", "paper + value beta2 0.999", "tiny-x12", PAPER + [O + "value_b2=0.999"]),
+    ("optimizer", "paper + no value weight decay", "tiny-x12", PAPER + [O + "value_weight_decay=0.0"]),
+]
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:60]
+
+
+def run_rung(preset, overrides, seed, shared, out_root):
+    return common.train_run(None, [f"model_name={preset}", *shared, f"seed={seed}", *overrides], out_root, reuse=True)
+
+
+def health(run, layers=2) -> tuple[str, str, str]:
+    r = run["last_train"]
+    ratio = ",".join(f"{r[f'mem{k}/out_rms'] / r[f'mem{k}/resid_rms']:.2f}" for k in range(layers)
+                     if f"mem{k}/out_rms" in r)
+    used = ",".join(f"{r[f'mem{k}/usage']:.0%}" for k in range(layers) if f"mem{k}/usage" in r)
+    grads = f"{r['grad_norm_values']:.2f} / {r['grad_norm_other']:.2f}" if "grad_norm_values" in r else ""
+    return ratio, used, grads
+
+
+def mean_spread(xs):
+    return statistics.fmean(xs), (max(xs) - min(xs)) / 2 if len(xs) > 1 else 0.0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--only", default="", help="comma-separated substrings of rung labels (baselines always run)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--dataset", default="", help="train.py data.dataset (default: GCIDE bytes)")
+    p.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench"))
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    data = args.dataset or common.gcide()
+    shared = common.train_overrides(data, args.steps, 16, 128, False, evals=4, logs=40)
+    wanted = [w for w in args.only.split(",") if w]
+    rungs = [r for r in RUNGS if not wanted or r[0] == "baseline" and "dense" in r[1] or
+             any(w in r[1] for w in wanted)]
+    results = {}
+    for group, label, preset, overrides in rungs:
+        runs = [run_rung(preset, overrides, s, shared, args.out) for s in seeds]
+        results[label] = runs
+        print(f"{label}: " + " ".join(f"{r['val_loss']:.4f}" for r in runs) + f" ({runs[0]['seconds']:.0f} s)",
+              flush=True)
+    ref = results.get("dense, wide FFN (activated-matched)")
+    rows = []
+    for group, label, preset, _ in rungs:
+        runs = results[label]
+        mean, spread = mean_spread([r["val_loss"] for r in runs])
+        gap = "" if ref is None else "{:+.4f}".format(statistics.fmean(
+            a["val_loss"] - b["val_loss"] for a, b in zip(runs, ref)))
+        rows.append([group, label, f"{mean:.4f} ± {spread:.4f}" if len(runs) > 1 else f"{mean:.4f}", gap,
+                     *health(runs[-1])])
+    name = "ladder" + ("" if not args.dataset else "-" + slug(os.path.basename(args.dataset.rstrip("/"))))
+    common.write_table(os.path.join(common.RESULTS, f"{name}.md"), "The memory diagnostic ladder",
+                       [f"Device: {common.device_line()}. Data: {os.path.basename(data.rstrip('/'))}, {args.steps} "
+                        f"steps x 16 x 128 byte tokens, seeds {args.seeds} (± is half the range over seeds); every row "
+                        f"sees the same batches per seed. Health columns are from the last logged window of the "
+                        f"last seed: memory output RMS / residual RMS per memory layer, value rows read in the "
+                        f"window, and the value tables' gradient norm / the rest's. Command: "
+                        f"`python benchmarks/ladder.py --seeds {args.seeds}"
+                        f"{' --only ' + args.only if args.only else ''}`."],
+                       ["group", "rung", "val loss", "vs dense-wide", "out/stream", "rows used", "|g| values / rest"],
+                       rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

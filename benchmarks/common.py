@@ -86,6 +86,11 @@ def _read_run(name: str, out: str, seconds: float) -> dict:
             "last_train": last_train[0]}
 
 
+def slug(text: str) -> str:
+    """A file-name-safe form of a label or dataset name."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
+
+
 def train_overrides(data: str, steps: int, batch: int, seq: int, full: bool, evals: int, logs: int) -> list[str]:
     """train.py overrides shared by the training benchmarks: ``evals`` validation passes (the whole split in
     full mode, 40 batches in quick mode), about ``logs`` log lines, no checkpoints."""

@@ -24,38 +24,39 @@ import common  # noqa: E402
 M, O = "model.memory.", "optim."
 PAPER = [M + "value_init=paper", M + "out_proj_std=null", M + "score_activation=identity",
          O + "value_lr_multiplier=4.0"]  # the paper's V1 recipe, whatever the shipped defaults are
-# (group, label, preset, overrides)
+# (group, label, preset, overrides), in the order they are run: the likeliest explanations first
 RUNGS = [
     ("baseline", "dense (the backbone)", "tiny-dense", []),
     ("baseline", "dense, wide FFN (activated-matched)", "tiny-dense-wide", []),
-    ("baseline", "MoE 2 in 24 (total-matched)", "tiny-moe-2in24", []),
-    ("baseline", "UltraMem, shipped defaults", "tiny-x12", []),
     ("baseline", "UltraMem, the paper's V1 recipe", "tiny-x12", PAPER),
-    ("wiring", "paper recipe, memory output x 0", "tiny-x12", PAPER + [M + "output_scale=0.0"]),
-    ("output scale", "paper + value init 0.02 (released code)", "tiny-x12", PAPER + [M + "value_init=code"]),
     ("output scale", "paper + zero-init output projection", "tiny-x12", PAPER + [M + "out_proj_std=0.0"]),
-    ("output scale", "paper + output projection std 0.02/sqrt(2L)", "tiny-x12", PAPER + [M + "out_proj_std=0.00707"]),
-    ("output scale", "paper + q/k-norm init from the paper", "tiny-x12", PAPER + [M + "norm_init=paper"]),
     ("output scale", "paper + softmax scores", "tiny-x12", PAPER + [M + "score_activation=softmax"]),
-    ("output scale", "paper + relu scores", "tiny-x12", PAPER + [M + "score_activation=relu"]),
+    ("output scale", "paper + value init 0.02 (released code)", "tiny-x12", PAPER + [M + "value_init=code"]),
+    ("wiring", "paper recipe, memory output x 0", "tiny-x12", PAPER + [M + "output_scale=0.0"]),
     ("optimizer", "paper + separate value clipping", "tiny-x12", PAPER + [O + "value_grad_clip=1.0"]),
     ("optimizer", "paper + constant value LR 1e-3", "tiny-x12", PAPER + [O + "value_learning_rate=1e-3"]),
+    ("output scale", "paper + output projection std 0.02/sqrt(2L)", "tiny-x12", PAPER + [M + "out_proj_std=0.00707"]),
+    ("output scale", "paper + relu scores", "tiny-x12", PAPER + [M + "score_activation=relu"]),
     ("optimizer", "paper + value LR multiplier 1x", "tiny-x12", PAPER + [O + "value_lr_multiplier=1.0"]),
+    ("usage", "paper + pre-selection balance loss 0.01", "tiny-x12", PAPER + [M + "balance_loss=0.01"]),
+    ("table", "paper + a 4x smaller table (144^2 rows)", "tiny-x12", PAPER + [M + "num_keys=144"]),
+    ("placement", "paper + a memory in every block (4 x 204^2 rows)", "tiny-x12",
+     PAPER + ["model.memory_placement=all", M + "num_keys=204"]),
+    ("output scale", "paper + q/k-norm init from the paper", "tiny-x12", PAPER + [M + "norm_init=paper"]),
     ("optimizer", "paper + value beta2 0.999", "tiny-x12", PAPER + [O + "value_b2=0.999"]),
     ("optimizer", "paper + no value weight decay", "tiny-x12", PAPER + [O + "value_weight_decay=0.0"]),
+    ("baseline", "MoE 2 in 24 (total-matched)", "tiny-moe-2in24", []),
+    ("baseline", "UltraMem, shipped defaults", "tiny-x12", []),
 ]
-
-
-def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:60]
 
 
 def run_rung(preset, overrides, seed, shared, out_root):
     return common.train_run(None, [f"model_name={preset}", *shared, f"seed={seed}", *overrides], out_root, reuse=True)
 
 
-def health(run, layers=2) -> tuple[str, str, str]:
+def health(run) -> tuple[str, str, str]:
     r = run["last_train"]
+    layers = sum(1 for k in r if k.endswith("/out_rms"))
     ratio = ",".join(f"{r[f'mem{k}/out_rms'] / r[f'mem{k}/resid_rms']:.2f}" for k in range(layers)
                      if f"mem{k}/out_rms" in r)
     used = ",".join(f"{r[f'mem{k}/usage']:.0%}" for k in range(layers) if f"mem{k}/usage" in r)
@@ -96,7 +97,7 @@ def main(argv=None):
             a["val_loss"] - b["val_loss"] for a, b in zip(runs, ref)))
         rows.append([group, label, f"{mean:.4f} ± {spread:.4f}" if len(runs) > 1 else f"{mean:.4f}", gap,
                      *health(runs[-1])])
-    name = "ladder" + ("" if not args.dataset else "-" + slug(os.path.basename(args.dataset.rstrip("/"))))
+    name = "ladder" + ("" if not args.dataset else "-" + common.slug(os.path.basename(args.dataset.rstrip("/"))))
     common.write_table(os.path.join(common.RESULTS, f"{name}.md"), "The memory diagnostic ladder",
                        [f"Device: {common.device_line()}. Data: {os.path.basename(data.rstrip('/'))}, {args.steps} "
                         f"steps x 16 x 128 byte tokens, seeds {args.seeds} (± is half the range over seeds); every row "

@@ -111,3 +111,39 @@ def test_output_scale_and_zero_output_projection(rng):
     np.testing.assert_allclose(np.asarray(scaled), scale * np.asarray(out), rtol=1e-5, atol=1e-7)
     silent, _ = _layer(UltraMemLayer, dataclasses.replace(cfg, out_proj_std=0.0), seed=seed)(x)
     assert np.abs(np.asarray(out)).max() > 0 and np.all(np.asarray(silent) == 0.0)
+
+
+@pytest.mark.parametrize("retrieval", ["tdqkr", "product_key"])
+def test_balance_loss_against_numpy(rng, retrieval):
+    """β·N·Σ f_n p̄_n per side and head (UltraMemV2 Eq. 19), recomputed from the layer's parameters in NumPy."""
+    beta = float(rng.uniform(1e-3, 1.0))
+    extra = dict(rank=1, cores=1, aux_loss=False) if retrieval == "product_key" else {}
+    cfg = MemoryConfig(num_keys=6, key_dim=8, value_dim=16, topk=5, heads=2, expansion=4, retrieval=retrieval,
+                       balance_loss=beta, **extra)
+    layer = _layer(UltraMemLayer, cfg, seed=int(rng.integers(1 << 30)))
+    x = jnp.asarray(rng.standard_normal((10, 32)), jnp.float32)
+    _, slots, loss = layer.retrieve(x, with_balance=True)
+    eps = cfg.norm_eps
+    q = np.asarray(x @ layer.query[...]).reshape(10, 1, 2, 8)
+    q = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + eps) * np.asarray(layer.query_norm[...])
+    k = np.moveaxis(np.asarray(layer.keys[...]), 3, -1)
+    k = np.moveaxis(k / np.sqrt((k ** 2).mean(-1, keepdims=True) + eps) * np.asarray(layer.key_norm[...]), -1, 3)
+    n = cfg.keys_per_side
+    slots = np.asarray(slots)
+    want = 0.0
+    for side, ids in ((0, slots // n), (1, slots % n)):
+        s = np.einsum("td,hndr->thrn", q[:, 0, side], k[:, side])
+        if retrieval == "tdqkr":
+            proj = np.asarray((layer.tucker_u if side == 0 else layer.tucker_t)[...])
+            logits = np.einsum("thrn,hr->thn", s, proj)
+        else:
+            logits = s[:, :, 0]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = (p / p.sum(-1, keepdims=True)).mean(0)
+        for h in range(cfg.heads):
+            f = np.bincount(ids[:, h].ravel(), minlength=n) / ids[:, h].size
+            want += n * (f * p[h]).sum() / cfg.heads
+    np.testing.assert_allclose(float(loss), beta * want / 2, rtol=1e-4)
+    # the layer reports it and the model adds it to the auxiliary loss
+    _, info = layer(x.reshape(2, 5, 32))
+    np.testing.assert_allclose(float(info["balance_loss"]), float(loss), rtol=1e-5)

@@ -51,6 +51,7 @@ class MemoryConfig:
     aux_alpha: float = 1e-3
     aux_tau: float = 0.15
     aux_reduction: Literal["paper", "code"] = "paper"  # sum over heads | mean over heads
+    balance_loss: float = 0.0  # β of the row/column pre-selection balance loss (UltraMemV2 Eq. 19: 1e-3); 0: off
     seed: int = 0  # seeds the IVE permutation (a buffer, not a parameter)
     kernels: Literal["xla", "pallas", "auto"] = "auto"  # search + gather: XLA ops or Pallas kernels (kernels.py)
 
@@ -106,6 +107,8 @@ class MemoryConfig:
             _fail(f("norm_eps"), f"must be > 0, got {c.norm_eps}")
         if c.out_proj_std is not None and c.out_proj_std < 0:
             _fail(f("out_proj_std"), f"must be >= 0, got {c.out_proj_std}")
+        if c.balance_loss < 0:
+            _fail(f("balance_loss"), f"must be >= 0, got {c.balance_loss}")
         if c.aux_alpha < 0:
             _fail(f("aux_alpha"), f"must be >= 0, got {c.aux_alpha}")
         if c.kernels not in ("xla", "pallas", "auto"):

@@ -114,8 +114,8 @@ class TransformerLM(nnx.Module):
     def __call__(self, tokens_BxS: jax.Array, *, return_hidden: bool = False):
         """Returns (logits B×S×V in float32, aux).
 
-        aux: ``aux_loss`` (the auxiliary losses: Tucker penalties summed over memory layers, plus the
-        MoE balance loss), ``memory`` (per-layer selection info), ``moe`` (per-layer routing info) and,
+        aux: ``aux_loss`` (the auxiliary losses: Tucker penalties and pre-selection balance losses summed over
+        memory layers, plus the MoE balance loss), ``memory`` (per-layer selection info), ``moe`` (per-layer routing info) and,
         with ``return_hidden``, ``hidden`` (the residual stream after every block).
         """
         dtype = jnp.dtype(self.cfg.dtype)
@@ -139,6 +139,7 @@ class TransformerLM(nnx.Module):
         unembed = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
         logits = jnp.einsum("bsd,dv->bsv", x, unembed.astype(dtype)).astype(jnp.float32)
         aux_loss = sum((m.aux_loss() for m in self.memories), jnp.zeros((), jnp.float32))
+        aux_loss += sum((i["balance_loss"] for i in mem_info if "balance_loss" in i), jnp.zeros((), jnp.float32))
         if moe_info:  # the MoE baseline's load-balancing loss, averaged over layers
             aux_loss += self.cfg.moe.balance_weight * sum(r["balance_loss"] for r in moe_info) / len(moe_info)
         aux = {"aux_loss": aux_loss, "memory": mem_info, "moe": moe_info}

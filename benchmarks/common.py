@@ -55,11 +55,10 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
         name = f"{resolved['model_name']}-{digest}"
     out = os.path.join(out_root, name)
     done_file = os.path.join(out, "benchmark_run.json")
-    if reuse and os.path.exists(done_file):
-        with open(done_file) as fh:
-            done = json.load(fh)
-        if done.get("config") == json.loads(json.dumps(resolved)):
-            return _read_run(name, out, done["seconds"])
+    if reuse:
+        found = _find_run(out_root, resolved, load_config)
+        if found:
+            return found
     if os.path.exists(out):
         import shutil
         shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
@@ -73,6 +72,33 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     with open(done_file, "w") as fh:
         json.dump({"overrides": list(overrides), "config": resolved, "seconds": seconds}, fh)
     return run
+
+
+def _find_run(out_root: str, resolved: dict, load_config):
+    """A finished run under ``out_root`` whose config equals ``resolved``. Keys added to the code after a run
+    was made count at the preset's value (a new knob's default is the behaviour it replaced)."""
+    import glob
+    preset = load_config([f"model_name={resolved['model_name']}"]).to_dict()
+    preset.pop("output_dir")
+    want = json.loads(json.dumps(resolved))
+    for path in sorted(glob.glob(os.path.join(out_root, "*", "benchmark_run.json"))):
+        with open(path) as fh:
+            done = json.load(fh)
+        stored = done.get("config")
+        if stored and stored.get("model_name") == resolved["model_name"] and _fill(stored, preset) == want:
+            return _read_run(os.path.basename(os.path.dirname(path)), os.path.dirname(path), done["seconds"])
+    return None
+
+
+def _fill(stored: dict, defaults: dict) -> dict:
+    """``stored`` with the keys it lacks taken from ``defaults``, recursively."""
+    out = dict(stored)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _fill(out[k], v)
+    return json.loads(json.dumps(out))
 
 
 def _read_run(name: str, out: str, seconds: float) -> dict:

@@ -22,26 +22,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 M, O = "model.memory.", "optim."
-PAPER = [M + "value_init=paper", M + "out_proj_std=null", M + "score_activation=identity",
-         O + "value_lr_multiplier=4.0"]  # the paper's V1 recipe, whatever the shipped defaults are
+PAPER = [M + "value_init=paper", M + "out_proj_std=null", M + "score_activation=identity", M + "norm_init=code",
+         M + "balance_loss=0.0", M + "aux_loss=true", "model.memory_placement=0:1/2:3", O + "value_lr_multiplier=4.0",
+         O + "value_learning_rate=0.0", O + "value_grad_clip=0.0", O + "value_b2=null",
+         O + "value_weight_decay=null"]  # the paper's V1 recipe, whatever the shipped defaults are
+SOFTMAX = PAPER + [M + "score_activation=softmax"]  # the best single change of the first pass
 # (group, label, preset, overrides), in the order they are run: the likeliest explanations first
 RUNGS = [
     ("baseline", "dense (the backbone)", "tiny-dense", []),
     ("baseline", "dense, wide FFN (activated-matched)", "tiny-dense-wide", []),
     ("baseline", "UltraMem, the paper's V1 recipe", "tiny-x12", PAPER),
     ("output scale", "paper + zero-init output projection", "tiny-x12", PAPER + [M + "out_proj_std=0.0"]),
-    ("output scale", "paper + softmax scores", "tiny-x12", PAPER + [M + "score_activation=softmax"]),
+    ("output scale", "paper + softmax scores", "tiny-x12", SOFTMAX),
     ("output scale", "paper + value init 0.02 (released code)", "tiny-x12", PAPER + [M + "value_init=code"]),
+    ("on softmax", "softmax + balance loss 0.01", "tiny-x12", SOFTMAX + [M + "balance_loss=0.01"]),
+    ("on softmax", "softmax + constant value LR 1e-3", "tiny-x12", SOFTMAX + [O + "value_learning_rate=1e-3"]),
+    ("on softmax", "softmax + zero-init output projection", "tiny-x12", SOFTMAX + [M + "out_proj_std=0.0"]),
+    ("on softmax", "softmax + separate value clipping", "tiny-x12", SOFTMAX + [O + "value_grad_clip=1.0"]),
     ("wiring", "paper recipe, memory output x 0", "tiny-x12", PAPER + [M + "output_scale=0.0"]),
+    ("on softmax", "softmax + a memory in every block (4 x 204^2 rows)", "tiny-x12",
+     SOFTMAX + ["model.memory_placement=all", M + "num_keys=204"]),
+    ("on softmax", "softmax + a 4x smaller table (144^2 rows)", "tiny-x12", SOFTMAX + [M + "num_keys=144"]),
+    ("output scale", "paper + relu scores", "tiny-x12", PAPER + [M + "score_activation=relu"]),
     ("optimizer", "paper + separate value clipping", "tiny-x12", PAPER + [O + "value_grad_clip=1.0"]),
     ("optimizer", "paper + constant value LR 1e-3", "tiny-x12", PAPER + [O + "value_learning_rate=1e-3"]),
-    ("output scale", "paper + output projection std 0.02/sqrt(2L)", "tiny-x12", PAPER + [M + "out_proj_std=0.00707"]),
-    ("output scale", "paper + relu scores", "tiny-x12", PAPER + [M + "score_activation=relu"]),
     ("optimizer", "paper + value LR multiplier 1x", "tiny-x12", PAPER + [O + "value_lr_multiplier=1.0"]),
     ("usage", "paper + pre-selection balance loss 0.01", "tiny-x12", PAPER + [M + "balance_loss=0.01"]),
-    ("table", "paper + a 4x smaller table (144^2 rows)", "tiny-x12", PAPER + [M + "num_keys=144"]),
-    ("placement", "paper + a memory in every block (4 x 204^2 rows)", "tiny-x12",
-     PAPER + ["model.memory_placement=all", M + "num_keys=204"]),
+    ("output scale", "paper + output projection std 0.02/sqrt(2L)", "tiny-x12", PAPER + [M + "out_proj_std=0.00707"]),
     ("output scale", "paper + q/k-norm init from the paper", "tiny-x12", PAPER + [M + "norm_init=paper"]),
     ("optimizer", "paper + value beta2 0.999", "tiny-x12", PAPER + [O + "value_b2=0.999"]),
     ("optimizer", "paper + no value weight decay", "tiny-x12", PAPER + [O + "value_weight_decay=0.0"]),

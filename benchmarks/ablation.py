@@ -24,7 +24,9 @@ STEPS = [
      [M + "kind=pkm", M + "retrieval=product_key", M + "rank=1", M + "cores=1", M + "expansion=1",
       M + "shuffle=false", M + "share_query=false", M + "qk_norm=false", M + "score_activation=softmax",
       M + "output_proj=false", M + "value_init=pkm", M + "aux_loss=false", M + "value_dim=128", M + "num_keys=288",
-      "model.memory_placement='1:1'", "optim.value_lr_multiplier=1.0"]),
+      "model.memory_placement='1:1'", "optim.value_lr_multiplier=1.0",
+      # the paper's path: pin what our defaults changed (docs/results.md section 1)
+      M + "out_proj_std=null", M + "balance_loss=0.0", "optim.value_learning_rate=0.0"]),
     ("+ remove softmax", -0.006, [M + "score_activation=identity"]),
     ("+ half D_v + output projection", -0.022, [M + "kind=ultramem", M + "value_dim=64", M + "output_proj=true",
                                                  M + "num_keys=407"]),
@@ -37,6 +39,9 @@ STEPS = [
     # At this size the value std equals the PKM rows' 1/sqrt(D_v) (both 0.125), so the norm init is what changes.
     ("+ improved init", -0.003, [M + "value_init=paper", M + "norm_init=paper"]),
     ("+ value-LR decay (4x -> 1x)", -0.022, ["optim.value_lr_multiplier=4.0"]),
+    # not in the paper: our defaults on top of the paper's UltraMem (the ladder in docs/results.md found them)
+    ("+ our recipe: softmax, zero-init projection, constant value LR 1e-3", None,
+     [M + "score_activation=softmax", M + "out_proj_std=0.0", "optim.value_learning_rate=1e-3"]),
 ]
 
 

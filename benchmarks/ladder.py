@@ -27,6 +27,7 @@ PAPER = [M + "value_init=paper", M + "out_proj_std=null", M + "score_activation=
          O + "value_learning_rate=0.0", O + "value_grad_clip=0.0", O + "value_b2=null",
          O + "value_weight_decay=null"]  # the paper's V1 recipe, whatever the shipped defaults are
 SOFTMAX = PAPER + [M + "score_activation=softmax"]  # the best single change of the first pass
+COMBINED = SOFTMAX + [M + "out_proj_std=0.0", O + "value_learning_rate=1e-3"]
 # (group, label, preset, overrides), in the order they are run: the likeliest explanations first
 RUNGS = [
     ("baseline", "dense (the backbone)", "tiny-dense", []),
@@ -38,8 +39,11 @@ RUNGS = [
     ("on softmax", "softmax + balance loss 0.01", "tiny-x12", SOFTMAX + [M + "balance_loss=0.01"]),
     ("on softmax", "softmax + constant value LR 1e-3", "tiny-x12", SOFTMAX + [O + "value_learning_rate=1e-3"]),
     ("on softmax", "softmax + zero-init output projection", "tiny-x12", SOFTMAX + [M + "out_proj_std=0.0"]),
-    ("on softmax", "softmax + separate value clipping", "tiny-x12", SOFTMAX + [O + "value_grad_clip=1.0"]),
+    ("combined", "softmax + zero-init projection + constant value LR 1e-3", "tiny-x12", COMBINED),
+    ("combined", "the same + a memory in every block (4 x 204^2 rows)", "tiny-x12",
+     COMBINED + ["model.memory_placement=all", M + "num_keys=204"]),
     ("wiring", "paper recipe, memory output x 0", "tiny-x12", PAPER + [M + "output_scale=0.0"]),
+    ("on softmax", "softmax + separate value clipping", "tiny-x12", SOFTMAX + [O + "value_grad_clip=1.0"]),
     ("on softmax", "softmax + a memory in every block (4 x 204^2 rows)", "tiny-x12",
      SOFTMAX + ["model.memory_placement=all", M + "num_keys=204"]),
     ("on softmax", "softmax + a 4x smaller table (144^2 rows)", "tiny-x12", SOFTMAX + [M + "num_keys=144"]),

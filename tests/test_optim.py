@@ -10,7 +10,7 @@ from ultramem_jax.optim import OptimConfig, lr_schedule, make_optimizer, param_l
 
 
 def test_value_lr_multiplier_decays_linearly_to_one():
-    cfg = OptimConfig(learning_rate=1e-3, value_lr_multiplier=4.0, value_lr_decay_frac=0.5)
+    cfg = OptimConfig(learning_rate=1e-3, value_lr_multiplier=4.0, value_lr_decay_frac=0.5, value_learning_rate=0.0)
     T = 1000
     base, value = lr_schedule(cfg, T), value_lr_schedule(cfg, T)
     for step in [10, 100, 250, 499, 500, 800, 999]:
@@ -27,7 +27,7 @@ def test_values_get_their_own_learning_rate(rng):
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(labels)}
     assert {k for k, v in flat.items() if v == "values"} == {"memories/0/values"}
     ocfg = OptimConfig(learning_rate=1e-2, warmup_frac=0.0, weight_decay=0.0, grad_clip=0.0,
-                       value_lr_multiplier=5.0)
+                       value_lr_multiplier=5.0, value_learning_rate=0.0)  # the paper's multiplier
     opt = nnx.Optimizer(model, make_optimizer(ocfg, 10_000), wrt=nnx.Param)
     params = nnx.state(model, nnx.Param)
     grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) + 0.5, params)
@@ -92,8 +92,8 @@ def test_constant_value_learning_rate_and_value_adam_settings(rng):
     # value weight decay alone: zero gradients, so only decay moves parameters
     wd = float(rng.uniform(0.05, 0.5))
     zero = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    delta = _update(OptimConfig(learning_rate=1e-2, warmup_frac=0.0, weight_decay=0.0, value_weight_decay=wd,
-                                value_lr_multiplier=1.0), zero, steps=2)
+    delta = _update(OptimConfig(learning_rate=1e-2, warmup_frac=0.0, weight_decay=0.0, value_weight_decay=wd),
+                    zero, steps=2)
     assert float(jnp.abs(delta["embed"][...]).max()) == 0.0
     assert float(jnp.abs(delta["memories"][0]["values"][...]).max()) > 0.0
     with pytest.raises(ValueError, match="optim.value_b2"):

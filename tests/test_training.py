@@ -50,7 +50,7 @@ def test_silenced_memory_reproduces_the_backbone(rng):
 
 def test_step_reports_value_and_other_gradient_norms_and_row_reads(rng):
     tokens = rng.integers(0, 64, (2, 4, 17)).astype(np.int32)
-    cfg = _cfg(MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=4))
+    cfg = _cfg(MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=4, out_proj_std=None))
     metrics, usage = _train(cfg, tokens, int(rng.integers(1 << 20)))
     m = metrics[-1]
     np.testing.assert_allclose(m["grad_norm"] ** 2, m["grad_norm_values"] ** 2 + m["grad_norm_other"] ** 2,

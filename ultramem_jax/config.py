@@ -41,9 +41,12 @@ class MemoryConfig:
     qk_norm: bool = True  # RMSNorm on sub-queries and keys
     norm_eps: float = 1e-5  # epsilon of the query and key RMSNorms (released code: 1e-5)
     query_batchnorm: bool = False  # PKM's optional BatchNorm on the query
-    score_activation: Literal["identity", "softmax", "relu"] = "identity"
+    # softmax: our default (docs/results.md §1); the paper and its released code use identity
+    score_activation: Literal["identity", "softmax", "relu"] = "softmax"
     output_proj: bool = True  # project the E pooled D_v vectors to d_model
-    out_proj_std: float | None = None  # init std of the output projection; None: (E·D_v)^-0.5, 0: zero-init
+    # init std of the output projection: 0 (our default) starts the memory silent, as a residual branch;
+    # None: (E·D_v)^-0.5 (released code)
+    out_proj_std: float | None = 0.0
     output_scale: float = 1.0  # multiplies the memory's output (0: a diagnostic that must give the backbone)
     value_init: Literal["paper", "code", "pkm"] = "paper"  # N(0, E/(2mHL)) | N(0, 0.02²) | N(0, 1/D_v)
     norm_init: Literal["code", "paper"] = "code"  # D_k^-0.33 | query 1/sqrt(E[Y]), key 1/sqrt(D_k)

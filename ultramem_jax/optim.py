@@ -32,7 +32,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     value_lr_multiplier: float = 4.0  # M
     value_lr_decay_frac: float = 1.0  # the multiplier reaches 1 after this fraction of the run
-    value_learning_rate: float = 0.0  # > 0: constant value LR (after warm-up) instead of the schedule × multiplier
+    # > 0 (our default, docs/results.md §1): constant value LR after the warm-up, as Memory+ and PKM train values;
+    # 0: the paper's schedule × the decaying multiplier below
+    value_learning_rate: float = 1e-3
     value_grad_clip: float = 0.0  # > 0: clip value-table gradients by their own global norm (0: one global clip)
     value_b2: float | None = None  # Adam β₂ of the value tables; None: b2
     value_weight_decay: float | None = None  # weight decay of the value tables; None: weight_decay

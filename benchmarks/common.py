@@ -56,7 +56,7 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     out = os.path.join(out_root, name)
     done_file = os.path.join(out, "benchmark_run.json")
     if reuse:
-        found = _find_run(out_root, resolved, load_config)
+        found = find_run(out_root, resolved, load_config)
         if found:
             return found
     if os.path.exists(out):
@@ -74,7 +74,7 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     return run
 
 
-def _find_run(out_root: str, resolved: dict, load_config):
+def find_run(out_root: str, resolved: dict, load_config):
     """A finished run under ``out_root`` whose config equals ``resolved``. Keys added to the code after a run
     was made count at the preset's value (a new knob's default is the behaviour it replaced)."""
     import glob

@@ -42,6 +42,8 @@ RUNGS = [
     ("combined", "softmax + zero-init projection + constant value LR 1e-3", "tiny-x12", COMBINED),
     ("combined", "the same + a memory in every block (4 x 204^2 rows)", "tiny-x12",
      COMBINED + ["model.memory_placement=all", M + "num_keys=204"]),
+    ("combined", "the same with key width 16 (activated-matched again)", "tiny-x12",
+     COMBINED + ["model.memory_placement=all", M + "num_keys=204", M + "key_dim=16"]),
     ("wiring", "paper recipe, memory output x 0", "tiny-x12", PAPER + [M + "output_scale=0.0"]),
     ("on softmax", "softmax + separate value clipping", "tiny-x12", SOFTMAX + [O + "value_grad_clip=1.0"]),
     ("on softmax", "softmax + a memory in every block (4 x 204^2 rows)", "tiny-x12",
@@ -61,8 +63,14 @@ RUNGS = [
 ]
 
 
-def run_rung(preset, overrides, seed, shared, out_root):
-    return common.train_run(None, [f"model_name={preset}", *shared, f"seed={seed}", *overrides], out_root, reuse=True)
+def run_rung(preset, overrides, seed, shared, out_root, cached_only=False):
+    args = [f"model_name={preset}", *shared, f"seed={seed}", *overrides]
+    if cached_only:
+        from ultramem_jax.train_config import load_config
+        resolved = load_config(args).to_dict()
+        resolved.pop("output_dir")
+        return common.find_run(out_root, resolved, load_config)
+    return common.train_run(None, args, out_root, reuse=True)
 
 
 def health(run) -> tuple[str, str, str]:
@@ -85,6 +93,7 @@ def main(argv=None):
     p.add_argument("--only", default="", help="comma-separated substrings of rung labels (baselines always run)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--dataset", default="", help="train.py data.dataset (default: GCIDE bytes)")
+    p.add_argument("--cached", action="store_true", help="train nothing: tabulate the rungs already run")
     p.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench"))
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -95,13 +104,17 @@ def main(argv=None):
              any(w in r[1] for w in wanted)]
     results = {}
     for group, label, preset, overrides in rungs:
-        runs = [run_rung(preset, overrides, s, shared, args.out) for s in seeds]
+        runs = [run_rung(preset, overrides, s, shared, args.out, args.cached) for s in seeds]
+        if not all(runs):
+            continue
         results[label] = runs
         print(f"{label}: " + " ".join(f"{r['val_loss']:.4f}" for r in runs) + f" ({runs[0]['seconds']:.0f} s)",
               flush=True)
     ref = results.get("dense, wide FFN (activated-matched)")
     rows = []
     for group, label, preset, _ in rungs:
+        if label not in results:
+            continue
         runs = results[label]
         mean, spread = mean_spread([r["val_loss"] for r in runs])
         gap = "" if ref is None else "{:+.4f}".format(statistics.fmean(

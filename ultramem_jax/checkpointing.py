@@ -87,6 +87,11 @@ class CorruptCheckpoint(Exception):
 
 
 def _describe(err: Exception) -> str:
+    """The root cause's first line: Orbax wraps TensorStore's precise error in a generic one."""
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
 
 

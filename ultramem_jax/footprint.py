@@ -32,15 +32,18 @@ def lower_bound_bytes(cfg, per_dev_batch: int, n_devices: int, platform: str) ->
 
 def available_bytes(devices) -> tuple[float, str] | None:
     """(bytes, what) per device: the accelerator's allocator limit, or the host's RAM shared by its CPU devices."""
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    local = [d for d in devices if d.process_index == jax.process_index()] or list(jax.local_devices())
+    try:
+        stats = local[0].memory_stats()
+    except Exception:  # not every backend reports it
+        stats = None
     if stats and stats.get("bytes_limit"):
-        return float(stats["bytes_limit"]), f"{devices[0].device_kind} memory"
+        return float(stats["bytes_limit"]), f"{local[0].device_kind} memory"
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-    local = max(1, sum(1 for d in devices if d.process_index == devices[0].process_index))
-    return ram / local, f"host RAM shared by {local} CPU device(s)"
+    return ram / len(local), f"host RAM shared by {len(local)} CPU device(s)"
 
 
 def check_fits(cfg, data_sharding) -> None:

@@ -69,12 +69,12 @@ def main(argv: list[str]) -> int:
     if cfg.model.vocab_size < corpus.tokenizer.vocab_size:
         raise UsageError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{corpus.tokenizer.vocab_size}")
-    if is_main:
-        data.save_for_eval(corpus, cfg.output_dir)  # eval and sampling then need only the run directory
     baseline = data.unigram_cross_entropy(corpus.train, corpus.val, corpus.tokenizer.vocab_size)
     ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing)
     fingerprint = config_fingerprint(cfg)
     ckpt.check_compatible(fingerprint, resume_overrides(cfg))
+    if is_main:
+        data.save_for_eval(corpus, cfg.output_dir)  # eval and sampling then need only the run directory
 
     model_def, model_state, opt_def, opt_state = training.build(cfg, mesh, rules, layout)
     train_iter = iter(data.train_dataset(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, jax.process_index(),

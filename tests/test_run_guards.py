@@ -93,3 +93,16 @@ def test_disk_full_is_recognised_through_the_chain():
                     "bytes to file 9: No space left on device [os_error_code='28']")
     assert is_disk_full(ts) and disk_full_path(ts) == "/r/ckpt/2/_sharding"
     assert not is_disk_full(ValueError("DATA_LOSS: bad checksum"))
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); from ultramem_jax.shutdown import "
+            "StopRequest; stop = StopRequest().install(); os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); "
+            "print('first: stop requested' if stop else 'first: ignored', flush=True); "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(30); print('still running')")
+    r = subprocess.run([sys.executable, "-c", code, os.getcwd()], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + signal.SIGINT
+    assert r.stdout.strip() == "first: stop requested"
+    assert r.stderr.strip().splitlines() == [
+        "interrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)",
+        "interrupted again: exiting now, without saving"]

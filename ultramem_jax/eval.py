@@ -24,6 +24,7 @@ from ultramem_jax.config import from_dict
 from ultramem_jax.errors import UsageError
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh
 from ultramem_jax.platforms import skip_absent_tpu
+from ultramem_jax.quiet import quiet_library_noise
 from ultramem_jax.train_config import TrainConfig, _merge, parse_overrides
 from ultramem_jax.transformer import create_model
 
@@ -36,11 +37,15 @@ def load_run(run_dir: str, step: int | None, overrides: list[str], devices=None)
     ckpt = Checkpointer(ckpt_dir, read_only=True)
     if not ckpt.steps():
         raise UsageError(f"no checkpoints in {ckpt_dir}")
-    meta_step = step if step is not None else ckpt.steps()[-1]
-    try:
-        meta = ckpt.read_meta(meta_step)
-    except Exception:
-        meta = ckpt.read_meta(ckpt.steps()[0])
+    meta = None
+    for s in ([step] if step in ckpt.steps() else []) + list(reversed(ckpt.steps())):
+        try:
+            meta = ckpt.read_meta(s)
+            break
+        except Exception:
+            continue
+    if meta is None or "config" not in meta:
+        raise UsageError(f"no checkpoint in {ckpt_dir} has readable metadata")
     _, over = parse_overrides(overrides)
     if "model" in over:
         raise UsageError("model.* cannot be overridden at evaluation: the checkpoint fixes the model")
@@ -105,8 +110,19 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
     return tokenizer.decode(ids)
 
 
+def eval_corpus(cfg, run_dir: str, overrides: list[str], need_val: bool):
+    """The tokenizer and validation tokens saved with the run, unless ``data.*`` is overridden (or the run predates
+    them): then the configured data."""
+    _, over = parse_overrides(overrides)
+    saved = None if "data" in over else data.load_run_corpus(run_dir)
+    if saved is not None and (saved.val is not None or not need_val):
+        return saved
+    return data.load_corpus(cfg.data, run_dir)
+
+
 def main(argv=None) -> int:
     skip_absent_tpu()
+    quiet_library_noise()
     p = argparse.ArgumentParser(prog="python -m ultramem_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="the output_dir of a training run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
@@ -119,7 +135,7 @@ def main(argv=None) -> int:
     args, rest = p.parse_known_args(argv)
     try:
         cfg, model, step, mesh, rules = load_run(args.run_dir, args.step, rest)
-        corpus = data.load_corpus(cfg.data, args.run_dir)
+        corpus = eval_corpus(cfg, args.run_dir, rest, need_val=not args.no_loss)
         if not args.no_loss:
             loss, count = validation_loss(cfg, model, mesh, rules, corpus)
             print(f"step {step} | val_loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | {count:,} tokens | "

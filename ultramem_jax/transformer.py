@@ -63,10 +63,9 @@ class Attention(nnx.Module):
         self.wv = _normal(rngs, (D, N, H), cfg.init_std, names_in)
         self.wo = _normal(rngs, (N, H, D), out_std, (sh.HEADS, sh.HEAD_DIM, sh.EMBED))
         self.rope_theta = cfg.rope_theta
-        self.cache_k: nnx.Cache | None = None  # B×L×N×H each, set by init_cache
-        self.cache_v: nnx.Cache | None = None
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        """Adds the cache variables (B×L×N×H each); a model that never calls this has none, as in training."""
         _, N, H = self.wk.shape
         self.cache_k = nnx.Cache(jnp.zeros((batch, max_len, N, H), dtype))
         self.cache_v = nnx.Cache(jnp.zeros((batch, max_len, N, H), dtype))
@@ -76,8 +75,9 @@ class Attention(nnx.Module):
         q = apply_rope(jnp.einsum("bsd,dnh->bsnh", x_BxSxD, self.wq[...].astype(dt)), positions, self.rope_theta)
         k = apply_rope(jnp.einsum("bsd,dnh->bsnh", x_BxSxD, self.wk[...].astype(dt)), positions, self.rope_theta)
         v = jnp.einsum("bsd,dnh->bsnh", x_BxSxD, self.wv[...].astype(dt))
-        if self.cache_k is None or positions.ndim == 1:
-            if self.cache_k is not None:  # prefill: positions are 0..S-1 for every sequence
+        cached = hasattr(self, "cache_k")
+        if not cached or positions.ndim == 1:
+            if cached:  # prefill: positions are 0..S-1 for every sequence
                 self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(
                     self.cache_k[...], k.astype(self.cache_k.dtype), 0, axis=1)
                 self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(

@@ -101,6 +101,24 @@ def test_eval_reproduces_final_validation_loss(reference_run):
     assert f"{evals[-1]['val_tokens']:,} tokens" in r.stdout
 
 
+def test_generate_cli_streams_batches_and_rejects_bad_prompts(tmp_path, reference_run):
+    gen = [sys.executable, "-m", "ultramem_jax.generate", reference_run, "--max-new-tokens", "8", "--temperature", "0"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alpha beta\n\ngamma\nomega delta key\n")
+    r = run(gen + ["--prompts-file", str(prompts), "--batch-size", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [line.split(" (")[0] for line in r.stdout.splitlines() if line.startswith("===")] == \
+        ["=== prompt 0", "=== prompt 1", "=== prompt 2"]
+    assert "prefill 30 tokens at" in r.stderr and "decode " in r.stderr and "3 prompt(s), batch 2" in r.stderr
+    batched = r.stdout.split("=== prompt 1")[0].split("\n", 1)[1].rstrip("\n")
+    single = run(gen + ["--prompt", "alpha beta"])  # streamed; greedy, so the same text as in the batch
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert single.stdout.rstrip("\n") == batched and batched.startswith("alpha beta")
+    for bad, message in [("", "error: prompt 0 is empty"), ("x" * 40, "error: prompt 0 has 40 tokens")]:
+        r = run(gen + ["--prompt", bad])
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus, reference_run):
     out = str(tmp_path / "corrupt")
     shutil.copytree(reference_run, out)

@@ -14,11 +14,9 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from ultramem_jax import data, training
+from ultramem_jax import data, generate, training
 from ultramem_jax.checkpointing import Checkpointer, abstract_like
 from ultramem_jax.config import from_dict
 from ultramem_jax.errors import UsageError
@@ -81,35 +79,6 @@ def memory_report(cfg, model, mesh, rules, corpus, batches: int = 8) -> str:
     return "\n".join(lines)
 
 
-def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-           max_len: int) -> str:
-    """Autoregressive sampling (full recompute per token: simple, fine for short demos)."""
-    ids = list(tokenizer.encode(prompt)) or [tokenizer.eos_id]
-    model_def, state = nnx.split(model)
-
-    @jax.jit
-    def next_logits(state, tokens, length):
-        logits, _ = nnx.merge(model_def, state)(tokens)
-        return logits[0, length - 1]
-
-    key = jax.random.key(seed)
-    for _ in range(max_new_tokens):
-        window = ids[-max_len:]
-        padded = np.zeros((1, max_len), np.int32)
-        padded[0, :len(window)] = window
-        logits = next_logits(state, jnp.asarray(padded), len(window))
-        if temperature <= 0:
-            nxt = int(jnp.argmax(logits))
-        else:
-            key, sub = jax.random.split(key)
-            vals, idx = jax.lax.top_k(logits / temperature, min(top_k, logits.shape[-1]))
-            nxt = int(idx[jax.random.categorical(sub, vals)])
-        if nxt == tokenizer.eos_id:
-            break
-        ids.append(nxt)
-    return tokenizer.decode(ids)
-
-
 def eval_corpus(cfg, run_dir: str, overrides: list[str], need_val: bool):
     """The tokenizer and validation tokens saved with the run, unless ``data.*`` is overridden (or the run predates
     them): then the configured data."""
@@ -126,7 +95,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ultramem_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="the output_dir of a training run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
-    p.add_argument("--prompt", default=None, help="sample a continuation of this text")
+    p.add_argument("--prompt", default=None, help="sample a continuation of this text (KV-cached, streamed; "
+                   "python -m ultramem_jax.generate has every option)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
@@ -140,12 +110,12 @@ def main(argv=None) -> int:
             loss, count = validation_loss(cfg, model, mesh, rules, corpus)
             print(f"step {step} | val_loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | {count:,} tokens | "
                   f"{len(jax.devices())} {jax.devices()[0].platform} device(s)")
-        if cfg.model.num_memory_layers and not args.no_health:
+        if cfg.model.num_memory_layers and not args.no_health and getattr(corpus, "val", None) is not None:
             print(memory_report(cfg, model, mesh, rules, corpus))
         if args.prompt is not None:
-            text = sample(model, corpus.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                          cfg.seed, cfg.seq_len)
-            print(text)
+            generate.run_prompts(model, corpus.tokenizer, [args.prompt], context=cfg.seq_len,
+                                 max_new_tokens=args.max_new_tokens,
+                                 sampling=generate.Sampling(args.temperature, args.top_k, seed=cfg.seed))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

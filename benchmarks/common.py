@@ -80,14 +80,23 @@ def find_run(out_root: str, resolved: dict, load_config):
     import glob
     preset = load_config([f"model_name={resolved['model_name']}"]).to_dict()
     preset.pop("output_dir")
-    want = json.loads(json.dumps(resolved))
+    want = _meaningful(json.loads(json.dumps(resolved)))
     for path in sorted(glob.glob(os.path.join(out_root, "*", "benchmark_run.json"))):
         with open(path) as fh:
             done = json.load(fh)
         stored = done.get("config")
-        if stored and stored.get("model_name") == resolved["model_name"] and _fill(stored, preset) == want:
+        if stored and stored.get("model_name") == resolved["model_name"] and \
+                _meaningful(_fill(stored, preset)) == want:
             return _read_run(os.path.basename(os.path.dirname(path)), os.path.dirname(path), done["seconds"])
     return None
+
+
+def _meaningful(cfg: dict) -> dict:
+    """A resolved config without the keys that cannot change its run: value-table optimizer knobs when the model
+    has no memory layer."""
+    if cfg.get("model", {}).get("memory") is None:
+        cfg = {**cfg, "optim": {k: v for k, v in cfg.get("optim", {}).items() if not k.startswith("value_")}}
+    return cfg
 
 
 def _fill(stored: dict, defaults: dict) -> dict:

@@ -116,9 +116,9 @@ def _read_run(name: str, out: str, seconds: float) -> dict:
     evals = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
     if not evals:
         fail(f"run {name} wrote no validation loss")
-    last_train = [r for r in records if r.get("kind") == "train"][-1:] or [{}]
+    trains = [r for r in records if r.get("kind") == "train"] or [{}]
     return {"name": name, "val_loss": evals[-1][1], "train_curve": train, "val_curve": evals, "seconds": seconds,
-            "last_train": last_train[0]}
+            "first_train": trains[0], "last_train": trains[-1]}
 
 
 def slug(text: str) -> str:

@@ -24,6 +24,7 @@ STEPS = [
      [M + "kind=pkm", M + "retrieval=product_key", M + "rank=1", M + "cores=1", M + "expansion=1",
       M + "shuffle=false", M + "share_query=false", M + "qk_norm=false", M + "score_activation=softmax",
       M + "output_proj=false", M + "value_init=pkm", M + "aux_loss=false", M + "value_dim=128", M + "num_keys=288",
+      M + "key_dim=32",
       "model.memory_placement='1:1'", "optim.value_lr_multiplier=1.0",
       # the paper's path: pin what our defaults changed (docs/results.md section 1)
       M + "out_proj_std=null", M + "balance_loss=0.0", "optim.value_learning_rate=0.0"]),

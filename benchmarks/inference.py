@@ -185,7 +185,8 @@ def report(rows, models, full, dtype, mode, repeats, old_new):
                   "| path | tokens/s | × old |", "|---|---|---|",
                   f"| old: one forward over the padded {o['context']}-token window per token | {o['old_tok_s']:,.1f} "
                   "| 1 |",
-                  f"| KV cache, prefill + decode | {o['cached_tok_s']:,.1f} | {o['cached_tok_s'] / o['old_tok_s']:.1f} |",
+                  f"| KV cache, prefill + decode | {o['cached_tok_s']:,.1f} | "
+                  f"{o['cached_tok_s'] / o['old_tok_s']:.1f} |",
                   f"| KV cache, decode steps only | {o['cached_decode_tok_s']:,.1f} | "
                   f"{o['cached_decode_tok_s'] / o['old_tok_s']:.1f} |", ""]
     notes += [f"Headline (UltraMem {ultra!r} over MoE {moe!r} and over dense, decode latency; bytes read):", "",

@@ -135,14 +135,14 @@ class Generator:
         work = nnx.merge(*nnx.split(model))  # a copy: the caller's model gets no cache
         work.init_cache(1, 1, self.cache_dtype)
         self.graphdef, cache, self.params = nnx.split(work, nnx.Cache, ...)
-        self._cache_shapes = jax.tree.map(lambda a: (a.shape[2:], a.dtype), cache)
-        self._cache_template = cache
+        self._cache_template = cache  # shapes (1, 1, N, H): _empty_cache sizes the real one
         batch_axes = self.rules.get("batch")
         self.token_shards = 1
         if mesh is not None and batch_axes:
             axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
             self.token_shards = int(np.prod([mesh.shape[a] for a in axes]))
         self._compiled: dict = {}
+        self.compile_s = 0.0  # compile seconds of the latest generate call
 
     # ---- the jitted pieces ---------------------------------------------------------------------------
     def _spec(self, *names):
@@ -166,7 +166,8 @@ class Generator:
         stop_B = nxt_B == eos  # eos -1: none
         emit_B = ~done_B & ~stop_B
         gen_B = gen_B + emit_B
-        finish_B = jnp.where(stop_B, 1, jnp.where(gen_B >= self.max_new, 2, jnp.where(pos_B + 1 >= self.max_len, 3, 0)))
+        full_B = pos_B + 1 >= self.max_len  # no slot left to feed the new token into
+        finish_B = jnp.where(stop_B, 1, jnp.where(gen_B >= self.max_new, 2, jnp.where(full_B, 3, 0)))
         done_B = done_B | (finish_B > 0)
         return emit_B, gen_B, done_B, finish_B
 

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from test_train_cli import ENV, ROOT, ckpt_steps, corpus, losses, run, snapshot, start_until_step, train_cmd  # noqa: F401
+from test_train_cli import (ENV, ROOT, ckpt_steps, corpus, losses, run, snapshot,  # noqa: F401
+                            start_until_step, train_cmd)
 
 pytestmark = pytest.mark.slow
 STEPS = ["steps=12", "checkpoint_every=4"]
@@ -51,7 +52,8 @@ def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus,
     out = str(tmp_path / "flipped")
     shutil.copytree(reference, out)
     flip_bytes(max(data_files(os.path.join(out, "checkpoints", "12")), key=os.path.getsize))
-    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--no-loss", "--prompt", "alpha", "--max-new-tokens", "2"])
+    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--no-loss", "--prompt", "alpha",
+              "--max-new-tokens", "2"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert ev.stderr.strip().startswith("warning: checkpoint step 12 is corrupt") and ev.stderr.count("\n") == 1
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:

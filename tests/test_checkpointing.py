@@ -81,8 +81,8 @@ def test_a_failed_restore_leaves_the_data_iterator_where_it_was(tmp_path, rng, c
     for s in (1, 2):
         _flip_bytes(os.path.join(ckpt.directory, str(s)))
     seed = int(rng.integers(1 << 30))
-    make = lambda: iter(data.train_dataset(data.ArrayStream(np.arange(4000, dtype=np.int32) % 251), 16, 4, seed=seed,  # noqa: E731
-                                           num_threads=1, prefetch=1))
+    stream = data.ArrayStream(np.arange(4000, dtype=np.int32) % 251)
+    make = lambda: iter(data.train_dataset(stream, 16, 4, seed=seed, num_threads=1, prefetch=1))  # noqa: E731
     it, untouched = make(), make()
     assert Checkpointer(ckpt.directory).restore_latest(abstract_like(states[1][0]), abstract_like(states[1][1]),
                                                        it) is None

@@ -149,7 +149,8 @@ def test_val_dataset_replaces_the_document_split(tmp_path, rng):
     _write_text(val_path, rng, paragraphs=5)
     corpus = data.load_corpus(DataConfig(dataset=str(train_path), val_dataset=str(val_path)))
     as_bytes = lambda path: [p.encode() + b"\xff" for p in open(path).read().split("\n\n") if p.strip()]  # noqa: E731
-    want = lambda path: np.concatenate([np.frombuffer(b, np.uint8).astype(np.int32) for b in as_bytes(path)])  # noqa: E731
+    want = lambda path: np.concatenate(  # noqa: E731
+        [np.frombuffer(b, np.uint8).astype(np.int32) for b in as_bytes(path)])
     eos = ByteTokenizer.eos_id
     for stream, path in ((corpus.train, train_path), (corpus.val, val_path)):
         w = want(path)

@@ -38,7 +38,7 @@ class Diverged(Exception):
 def ensure_writable(path: str):
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test.{os.getpid()}")  # per process: hosts of one run share the dir
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -149,6 +149,10 @@ def main(argv: list[str]) -> int:
         if pending:
             finish(*pending)
         pending, done = (step + 1, metrics), step + 1
+        if step == start and is_main and not logs_at(done):  # a first sign of life within seconds, not 50 steps
+            print(f"step {done:>6}/{cfg.steps} | loss {float(metrics['loss']):.4f} | first step done "
+                  f"{time.perf_counter() - window['t']:.1f} s after start (compilation included); progress "
+                  f"every {cfg.log_every} steps", flush=True)
         save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps or stop
         eval_now = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         if save_now or eval_now or logs_at(done):

@@ -218,3 +218,14 @@ def test_smoke_run_of_the_default_config(tmp_path):
     assert evals and np.isfinite(evals[-1]["val_loss"])
     assert ckpt_steps(out) == [60]
     assert os.listdir(os.path.join(out, "tensorboard"))
+
+
+@pytest.mark.slow
+def test_first_progress_line_comes_after_the_first_step(tmp_path, corpus):
+    """A newcomer sees a sign of life after one step, not after log_every steps; metrics.jsonl is unchanged."""
+    out = str(tmp_path / "first")
+    r = run(train_cmd(out, corpus, "steps=3", "log_every=50", "eval_every=0", "checkpoint_every=0"))
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.lstrip().startswith("step")]
+    assert lines[0].startswith("step      1/3") and "first step done" in lines[0]
+    assert sorted(losses(out)[0]) == [3]  # only the regular log step is a metrics record

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 
 from ultramem_jax.errors import warn
@@ -41,8 +42,8 @@ class MetricsLogger:
         except OSError as e:  # e.g. a full disk: name the file in the one error line
             raise OSError(e.errno, e.strerror, self.path) from None
         for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self._tb.add_scalar(f"{kind}/{k}", v, step)
+            if isinstance(v, (int, float)) and math.isfinite(v):  # a diverging run's last record keeps its
+                self._tb.add_scalar(f"{kind}/{k}", v, step)          # non-finite values in metrics.jsonl only
 
     def close(self):
         if self.enabled and not self._file.closed:

@@ -9,4 +9,4 @@ train: setup
 	.venv/bin/python train.py $(ARGS)
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -n 2 tests

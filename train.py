@@ -14,20 +14,21 @@ import sys
 import time
 
 import jax
-import numpy as np
 
-from ultramem_jax import data, training
+from ultramem_jax import data, distributed, training
 from ultramem_jax.checkpointing import Checkpointer, abstract_like
-from ultramem_jax.errors import UsageError
+from ultramem_jax.errors import UsageError, disk_full_path, is_disk_full
+from ultramem_jax.footprint import check_fits
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
 from ultramem_jax.metrics import MetricsLogger
 from ultramem_jax.optim import lr_schedule
 from ultramem_jax.params import param_counts
 from ultramem_jax.platforms import skip_absent_tpu
-from ultramem_jax.train_config import config_fingerprint, load_config
-
-CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-               "OMPI_COMM_WORLD_SIZE")
+from ultramem_jax.quiet import quiet_library_noise
+from ultramem_jax.runlock import RunLock
+from ultramem_jax.shutdown import StopRequest
+from ultramem_jax.stats import health_line, usage_stats
+from ultramem_jax.train_config import config_fingerprint, load_config, resume_overrides
 
 
 class Diverged(Exception):
@@ -37,7 +38,7 @@ class Diverged(Exception):
 def ensure_writable(path: str):
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test.{os.getpid()}")  # per process: hosts of one run share the dir
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -45,19 +46,24 @@ def ensure_writable(path: str):
         raise UsageError(f"output_dir {path} is not writable ({e.strerror})") from None
 
 
+def newest(step: int) -> str:
+    return f"the newest checkpoint is step {step}" if step else "no checkpoint has been saved"
+
+
 def main(argv: list[str]) -> int:
     skip_absent_tpu()
-    if os.environ.get("ULTRAMEM_CPU_DEVICES"):  # e.g. 8: try sharding layouts on one CPU
-        jax.config.update("jax_num_cpu_devices", int(os.environ["ULTRAMEM_CPU_DEVICES"]))
+    quiet_library_noise()
+    distributed.configure_cpu_devices()  # ULTRAMEM_CPU_DEVICES=8: try sharding layouts on one CPU
     cfg = load_config(argv)
-    if cfg.distributed == "on" or (cfg.distributed == "auto" and any(v in os.environ for v in CLUSTER_ENV)):
-        jax.distributed.initialize()  # coordinator and process ids come from the TPU / SLURM environment
+    distributed.initialize(cfg.distributed)
     is_main = jax.process_index() == 0
     ensure_writable(cfg.output_dir)
+    run_lock = RunLock(cfg.output_dir).acquire() if is_main else None  # noqa: F841 (held until the process ends)
     mesh = make_mesh(cfg.mesh)
     rules = logical_rules(cfg.logical_axis_rules, mesh)
     layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
     data_sharding = batch_sharding(mesh, rules)
+    check_fits(cfg, data_sharding)
 
     corpus = data.load_corpus(cfg.data, cfg.output_dir)
     if cfg.model.vocab_size < corpus.tokenizer.vocab_size:
@@ -66,7 +72,9 @@ def main(argv: list[str]) -> int:
     baseline = data.unigram_cross_entropy(corpus.train, corpus.val, corpus.tokenizer.vocab_size)
     ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing)
     fingerprint = config_fingerprint(cfg)
-    ckpt.check_compatible(fingerprint)
+    ckpt.check_compatible(fingerprint, resume_overrides(cfg))
+    if is_main:
+        data.save_for_eval(corpus, cfg.output_dir)  # eval and sampling then need only the run directory
 
     model_def, model_state, opt_def, opt_state = training.build(cfg, mesh, rules, layout)
     train_iter = iter(data.train_dataset(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, jax.process_index(),
@@ -91,8 +99,7 @@ def main(argv: list[str]) -> int:
               f"{layout.kind if layout else 'none'} | "
               f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens | unigram baseline "
               f"{baseline:.4f} nats/token | {'resumed from step ' + str(start) if start else 'fresh start'}")
-    stop = {}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.setdefault("signal", signum))
+    stop = StopRequest().install()  # SIGTERM and Ctrl-C: save a checkpoint after the current step, then exit
 
     window = {"t": time.perf_counter(), "steps": 0}
     last_saved = start
@@ -106,7 +113,7 @@ def main(argv: list[str]) -> int:
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             raise Diverged(f"loss is {loss} at step {step}; stopped without saving this state "
-                           f"(the newest checkpoint is step {last_saved})")
+                           f"({newest(last_saved)})")
         window["steps"] += 1
         if not logs_at(step):
             return
@@ -117,15 +124,15 @@ def main(argv: list[str]) -> int:
         record = training.to_float_dict(metrics)
         record.update(lr=float(lr_schedule(cfg.optim, cfg.steps)(step - 1)), tokens_per_s=tok_s,
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()), step_time_s=step_time)
-        record.update({f"mem{i}/slots_hit": float(np.mean(u)) for i, u in enumerate(jax.device_get(usage))})
+        for i, counts in enumerate(jax.device_get(usage)):
+            record[f"mem{i}/usage"], record[f"mem{i}/usage_entropy"] = usage_stats(counts)
         usage = training.new_usage(cfg, mesh)
         logger.write(step, record)
         if is_main:
-            mem = " | slots hit " + "/".join(f"{record[f'mem{i}/slots_hit']:.0%}" for i in range(len(usage))) \
-                if usage else ""
             print(f"step {step:>6}/{cfg.steps} | loss {loss:.4f} | {tok_s / 1e3:.1f}k tok/s | "
                   f"MFU {record['mfu']:.1%} ({peak_source}) | ETA "
-                  f"{training.format_duration(step_time * (cfg.steps - step))}{mem}", flush=True)
+                  f"{training.format_duration(step_time * (cfg.steps - step))}"
+                  f"{health_line(record, len(usage))}", flush=True)
 
     def run_eval(step):
         loss, count = training.validation_loss(eval_step, model_state, corpus.val, cfg, data_sharding)
@@ -142,6 +149,10 @@ def main(argv: list[str]) -> int:
         if pending:
             finish(*pending)
         pending, done = (step + 1, metrics), step + 1
+        if step == start and is_main and not logs_at(done):  # a first sign of life within seconds, not 50 steps
+            print(f"step {done:>6}/{cfg.steps} | loss {float(metrics['loss']):.4f} | first step done "
+                  f"{time.perf_counter() - window['t']:.1f} s after start (compilation included); progress "
+                  f"every {cfg.log_every} steps", flush=True)
         save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps or stop
         eval_now = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         if save_now or eval_now or logs_at(done):
@@ -154,7 +165,7 @@ def main(argv: list[str]) -> int:
             run_eval(done)
         if save_now and not bool(training.all_finite(model_state)):
             raise Diverged(f"parameters are not finite after step {done}; stopped without saving this state "
-                           f"(the newest checkpoint is step {last_saved})")
+                           f"({newest(last_saved)})")
         if save_now:
             meta = {"step": done, "fingerprint": fingerprint, "config": cfg.to_dict(),
                     "tokenizer_vocab": corpus.tokenizer.vocab_size}
@@ -163,8 +174,8 @@ def main(argv: list[str]) -> int:
         window["t"] += time.perf_counter() - paused  # evaluation and saving are not training throughput
         if stop:
             ckpt.wait()
-            print(f"received signal {stop['signal']}: saved checkpoint at step {done}, exiting", flush=True)
-            return 128 + stop["signal"]
+            print(f"received signal {stop.signum}: saved checkpoint at step {done}, exiting", flush=True)
+            return 128 + stop.signum
     ckpt.wait()
     logger.close()
     return 0
@@ -183,3 +194,13 @@ if __name__ == "__main__":
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:  # before the training loop: nothing to save yet
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        where = f" writing {disk_full_path(e)}" if disk_full_path(e) else ""
+        print(f"error: disk full{where} (no space left on device); free space and rerun the same command: "
+              "training resumes from the newest complete checkpoint", file=sys.stderr)
+        os._exit(4)  # at once: an async checkpoint write stuck on the full disk must not hold the exit

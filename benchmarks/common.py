@@ -38,10 +38,28 @@ def gcide() -> str:
     return GCIDE_PREPARED
 
 
-def train_run(name: str, overrides: list[str], out_root: str) -> dict:
-    """Runs train.py with ``overrides``; returns its final validation loss, loss curve and wall time."""
+def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool = False) -> dict:
+    """Runs train.py with ``overrides``; returns its final validation loss, loss curve and wall time.
+
+    With ``reuse``, a finished run in the same directory whose resolved config (every key, defaults included)
+    equals this one's is read back instead of trained again, so benchmarks can share rows; a changed default
+    changes the resolved config and forces a new run.
+    """
+    import hashlib
+
+    from ultramem_jax.train_config import load_config
+    resolved = load_config(list(overrides)).to_dict()
+    resolved.pop("output_dir")
+    if name is None:  # named by what it trains: identical configs share one run
+        digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+        name = f"{resolved['model_name']}-{digest}"
     out = os.path.join(out_root, name)
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+    done_file = os.path.join(out, "benchmark_run.json")
+    if reuse:
+        found = find_run(out_root, resolved, load_config)
+        if found:
+            return found
+    if os.path.exists(out):
         import shutil
         shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *overrides]
@@ -50,12 +68,62 @@ def train_run(name: str, overrides: list[str], out_root: str) -> dict:
     seconds = time.time() - t0
     if proc.returncode:
         fail(f"run {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    run = _read_run(name, out, seconds)
+    with open(done_file, "w") as fh:
+        json.dump({"overrides": list(overrides), "config": resolved, "seconds": seconds}, fh)
+    return run
+
+
+def find_run(out_root: str, resolved: dict, load_config):
+    """A finished run under ``out_root`` whose config equals ``resolved``. Keys added to the code after a run
+    was made count at the preset's value (a new knob's default is the behaviour it replaced)."""
+    import glob
+    preset = load_config([f"model_name={resolved['model_name']}"]).to_dict()
+    preset.pop("output_dir")
+    want = _meaningful(json.loads(json.dumps(resolved)))
+    for path in sorted(glob.glob(os.path.join(out_root, "*", "benchmark_run.json"))):
+        with open(path) as fh:
+            done = json.load(fh)
+        stored = done.get("config")
+        if stored and stored.get("model_name") == resolved["model_name"] and \
+                _meaningful(_fill(stored, preset)) == want:
+            return _read_run(os.path.basename(os.path.dirname(path)), os.path.dirname(path), done["seconds"])
+    return None
+
+
+def _meaningful(cfg: dict) -> dict:
+    """A resolved config without the keys that cannot change its run: value-table optimizer knobs when the model
+    has no memory layer."""
+    if cfg.get("model", {}).get("memory") is None:
+        cfg = {**cfg, "optim": {k: v for k, v in cfg.get("optim", {}).items() if not k.startswith("value_")}}
+    return cfg
+
+
+def _fill(stored: dict, defaults: dict) -> dict:
+    """``stored`` with the keys it lacks taken from ``defaults``, recursively."""
+    out = dict(stored)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _fill(out[k], v)
+    return json.loads(json.dumps(out))
+
+
+def _read_run(name: str, out: str, seconds: float) -> dict:
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
     train = [(r["step"], r["ce"]) for r in records if r.get("kind") == "train" and "ce" in r]
     evals = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
     if not evals:
         fail(f"run {name} wrote no validation loss")
-    return {"name": name, "val_loss": evals[-1][1], "train_curve": train, "val_curve": evals, "seconds": seconds}
+    trains = [r for r in records if r.get("kind") == "train"] or [{}]
+    return {"name": name, "val_loss": evals[-1][1], "train_curve": train, "val_curve": evals, "seconds": seconds,
+            "first_train": trains[0], "last_train": trains[-1]}
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a label or dataset name."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
 
 def train_overrides(data: str, steps: int, batch: int, seq: int, full: bool, evals: int, logs: int) -> list[str]:

@@ -132,3 +132,42 @@ def test_gzip_and_dictzip_text_and_decode_errors(tmp_path):
         data.file_documents([str(broken)], "auto", "text")
     with pytest.raises(ValueError, match="data.decode_errors"):
         DataConfig(decode_errors="ignore")
+
+
+def test_concat_stream_reads_across_the_seam(rng):
+    parts = [rng.integers(0, 50, int(n)).astype(np.int32) for n in rng.integers(1, 40, 4)]
+    stream, whole = data.ConcatStream(*[data.ArrayStream(p) for p in parts]), np.concatenate(parts)
+    assert len(stream) == len(whole)
+    for _ in range(20):
+        start, length = int(rng.integers(0, len(whole))), int(rng.integers(0, 60))
+        np.testing.assert_array_equal(stream.read(start, length), whole[start:start + length])
+
+
+def test_val_dataset_replaces_the_document_split(tmp_path, rng):
+    train_path, val_path = tmp_path / "train.txt", tmp_path / "val.txt"
+    _write_text(train_path, rng, paragraphs=40)
+    _write_text(val_path, rng, paragraphs=5)
+    corpus = data.load_corpus(DataConfig(dataset=str(train_path), val_dataset=str(val_path)))
+    as_bytes = lambda path: [p.encode() + b"\xff" for p in open(path).read().split("\n\n") if p.strip()]  # noqa: E731
+    want = lambda path: np.concatenate(  # noqa: E731
+        [np.frombuffer(b, np.uint8).astype(np.int32) for b in as_bytes(path)])
+    eos = ByteTokenizer.eos_id
+    for stream, path in ((corpus.train, train_path), (corpus.val, val_path)):
+        w = want(path)
+        w[w == 0xFF] = eos  # every paragraph, whole, then an end-of-document token
+        np.testing.assert_array_equal(stream.read(0, len(stream)), w)
+    prep = tmp_path / "prep"
+    data.prepare(str(val_path), str(prep), "bpe", bpe_vocab_size=300)
+    with pytest.raises(UsageError, match="another tokenizer"):
+        data.load_corpus(DataConfig(dataset=str(train_path), val_dataset=str(prep)))
+
+
+def test_the_run_directory_carries_tokenizer_and_val_tokens(tmp_path, rng):
+    path = tmp_path / "c.txt"
+    _write_text(path, rng, paragraphs=50)
+    corpus = data.load_corpus(DataConfig(dataset=str(path)))
+    data.save_for_eval(corpus, str(tmp_path))
+    os.remove(path)
+    saved = data.load_run_corpus(str(tmp_path))
+    np.testing.assert_array_equal(saved.val.read(0, len(saved.val)), corpus.val.read(0, len(corpus.val)))
+    assert saved.tokenizer.decode(saved.tokenizer.encode("memory value")) == "memory value"

@@ -42,7 +42,7 @@ def _layer(cfg, d_model=32, seed=0):
 def test_ive_equals_materialised_virtual_table(rng, cores, expansion):
     """Pool-then-project equals a weighted sum over the E·N-row table Ṽ = [V W_1; ...; V W_E] (per MCS slice)."""
     cfg = MemoryConfig(num_keys=6, key_dim=8, value_dim=8, topk=5, heads=2, cores=cores, expansion=expansion,
-                       seed=int(rng.integers(1 << 30)))
+                       score_activation="identity", seed=int(rng.integers(1 << 30)))
     layer = _layer(cfg, seed=int(rng.integers(1 << 30)))
     # fresh random parameters so nothing relies on init scales
     layer.values[...] = jnp.asarray(rng.standard_normal(layer.values[...].shape), jnp.float32)

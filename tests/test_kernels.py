@@ -146,7 +146,7 @@ def test_key_search_with_full_preselection_is_brute_force_top_m(rng):
 
 
 # ---- the layer and the sharded lookup through the kernels ----------------------------------------------
-@pytest.mark.parametrize("cfg", [MemoryConfig(num_keys=8, topk=6, expansion=4, kernels="pallas"),
+@pytest.mark.parametrize("cfg", [MemoryConfig(num_keys=8, topk=6, expansion=4, kernels="pallas", out_proj_std=None),
                                  MemoryConfig.pkm(num_keys=8, topk=5, kernels="pallas")], ids=["ultramem", "pkm"])
 def test_memory_layer_with_kernels_matches_xla(rng, cfg):
     import dataclasses

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def _grads(layer, x, cotangent):
 @pytest.mark.parametrize("kind", ["ultramem", "pkm"])
 def test_gradients_reach_selected_parameters_only(rng, kind):
     if kind == "ultramem":
-        cfg, cls = MemoryConfig(num_keys=16, topk=6, heads=2, expansion=4), UltraMemLayer
+        cfg, cls = MemoryConfig(num_keys=16, topk=6, heads=2, expansion=4, out_proj_std=None), UltraMemLayer
     else:
         cfg, cls = MemoryConfig.pkm(num_keys=16, topk=6, heads=2), PKMLayer
     layer = _layer(cls, cfg, seed=int(rng.integers(1 << 30)))
@@ -47,7 +49,8 @@ def test_gradients_reach_selected_parameters_only(rng, kind):
 
 def test_layer_selection_matches_brute_force_with_rank1_cores(rng):
     """End to end through the layer (norms, shared query, IVE grid): rank-1 cores lose nothing."""
-    cfg = MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=6, heads=2, expansion=4)
+    eps = float(rng.uniform(0.05, 2.0))  # large enough to change the scores: the layer must use the configured eps
+    cfg = MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=6, heads=2, expansion=4, norm_eps=eps)
     layer = _layer(UltraMemLayer, cfg, seed=int(rng.integers(1 << 30)))
     H, r = cfg.heads, cfg.rank
     u, t = rng.uniform(0.2, 1, (H, r)), rng.uniform(0.2, 1, (H, r))
@@ -58,9 +61,9 @@ def test_layer_selection_matches_brute_force_with_rank1_cores(rng):
     x = jnp.asarray(np.abs(rng.standard_normal((16, 32))), jnp.float32)
     scores, slots = layer.retrieve(x)
     q = np.asarray(x @ layer.query[...]).reshape(16, 1, 2, 8)
-    q = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(layer.query_norm[...])
+    q = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + eps) * np.asarray(layer.query_norm[...])
     k = np.moveaxis(np.asarray(layer.keys[...]), 3, -1)
-    k = np.moveaxis(k / np.sqrt((k ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(layer.key_norm[...]), -1, 3)
+    k = np.moveaxis(k / np.sqrt((k ** 2).mean(-1, keepdims=True) + eps) * np.asarray(layer.key_norm[...]), -1, 3)
     s_row = np.einsum("td,hndr->thrn", q[:, 0, 0], k[:, 0])
     s_col = np.einsum("td,hndr->thrn", q[:, 0, 1], k[:, 1])
     best, best_slots = tdqkr.brute_force_grid_topk(jnp.asarray(s_row), jnp.asarray(s_col), layer.cores[...], 6)
@@ -88,3 +91,59 @@ def test_tucker_vectors_are_state_not_params():
     flat = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(params)}
     assert not any("tucker" in k or "permutation" in k for k in flat)
     assert "values" in flat and "cores" in flat
+
+
+def test_norm_eps_defaults_to_the_released_code():
+    """The released code's q/k RMSNorm uses eps 1e-5 (docs/ultramem-method.md); a bad eps is refused by name."""
+    assert MemoryConfig().norm_eps == 1e-5
+    with pytest.raises(ValueError, match="memory.norm_eps"):
+        MemoryConfig(norm_eps=0.0).validate(32)
+
+
+def test_output_scale_and_zero_output_projection(rng):
+    """output_scale multiplies the output exactly; a zero-init projection gives a silent memory at init."""
+    cfg = MemoryConfig(num_keys=8, topk=4, out_proj_std=None)  # the released code's fan-in init: a loud memory
+    seed = int(rng.integers(1 << 30))
+    x = jnp.asarray(rng.standard_normal((2, 3, 32)), jnp.float32)
+    out, _ = _layer(UltraMemLayer, cfg, seed=seed)(x)
+    scale = float(rng.uniform(0.1, 3.0))
+    scaled, _ = _layer(UltraMemLayer, dataclasses.replace(cfg, output_scale=scale), seed=seed)(x)
+    np.testing.assert_allclose(np.asarray(scaled), scale * np.asarray(out), rtol=1e-5, atol=1e-7)
+    silent, _ = _layer(UltraMemLayer, dataclasses.replace(cfg, out_proj_std=0.0), seed=seed)(x)
+    assert np.abs(np.asarray(out)).max() > 0 and np.all(np.asarray(silent) == 0.0)
+
+
+@pytest.mark.parametrize("retrieval", ["tdqkr", "product_key"])
+def test_balance_loss_against_numpy(rng, retrieval):
+    """β·N·Σ f_n p̄_n per side and head (UltraMemV2 Eq. 19), recomputed from the layer's parameters in NumPy."""
+    beta = float(rng.uniform(1e-3, 1.0))
+    extra = dict(rank=1, cores=1, aux_loss=False) if retrieval == "product_key" else {}
+    cfg = MemoryConfig(num_keys=6, key_dim=8, value_dim=16, topk=5, heads=2, expansion=4, retrieval=retrieval,
+                       balance_loss=beta, **extra)
+    layer = _layer(UltraMemLayer, cfg, seed=int(rng.integers(1 << 30)))
+    x = jnp.asarray(rng.standard_normal((10, 32)), jnp.float32)
+    _, slots, loss = layer.retrieve(x, with_balance=True)
+    eps = cfg.norm_eps
+    q = np.asarray(x @ layer.query[...]).reshape(10, 1, 2, 8)
+    q = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + eps) * np.asarray(layer.query_norm[...])
+    k = np.moveaxis(np.asarray(layer.keys[...]), 3, -1)
+    k = np.moveaxis(k / np.sqrt((k ** 2).mean(-1, keepdims=True) + eps) * np.asarray(layer.key_norm[...]), -1, 3)
+    n = cfg.keys_per_side
+    slots = np.asarray(slots)
+    want = 0.0
+    for side, ids in ((0, slots // n), (1, slots % n)):
+        s = np.einsum("td,hndr->thrn", q[:, 0, side], k[:, side])
+        if retrieval == "tdqkr":
+            proj = np.asarray((layer.tucker_u if side == 0 else layer.tucker_t)[...])
+            logits = np.einsum("thrn,hr->thn", s, proj)
+        else:
+            logits = s[:, :, 0]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = (p / p.sum(-1, keepdims=True)).mean(0)
+        for h in range(cfg.heads):
+            f = np.bincount(ids[:, h].ravel(), minlength=n) / ids[:, h].size
+            want += n * (f * p[h]).sum() / cfg.heads
+    np.testing.assert_allclose(float(loss), beta * want / 2, rtol=1e-4)
+    # the layer reports it and the model adds it to the auxiliary loss
+    _, info = layer(x.reshape(2, 5, 32))
+    np.testing.assert_allclose(float(info["balance_loss"]), float(loss), rtol=1e-5)

@@ -122,7 +122,8 @@ def _train_cfg(layout_cfg, mesh_cfg):
                        # near-zero gradient becomes a full-size update of either sign, so layouts diverge by chance
                        optim=OptimConfig(warmup_frac=0.0, learning_rate=1e-2, eps=1e-5),
                        model=ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
-                                         memory=MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=4),
+                                         memory=MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=4,
+                                                             out_proj_std=None),  # a memory loud from step 1
                                          memory_placement="0:1"))
 
 

@@ -14,7 +14,7 @@ TINY = dict(vocab_size=64, d_model=32, num_layers=4, num_heads=2)
 def test_skip_layer_output_lands_after_block_j(rng):
     """Memory reads block 1's pre-FFN hidden and is added after block 2: blocks 0..1 are untouched, and the
     stream after block 2 moves by exactly the memory's output on block 1's input."""
-    cfg = ModelConfig(**TINY, memory=MemoryConfig(num_keys=8, topk=4), memory_placement="1:2")
+    cfg = ModelConfig(**TINY, memory=MemoryConfig(num_keys=8, topk=4, out_proj_std=None), memory_placement="1:2")
     model = create_model(cfg, seed=int(rng.integers(1 << 30)))
     model.memories[0].values[...] = jnp.asarray(rng.standard_normal(model.memories[0].values[...].shape))
     tokens = jnp.asarray(rng.integers(0, 64, (2, 9)))

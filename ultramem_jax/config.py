@@ -39,15 +39,22 @@ class MemoryConfig:
     shuffle: bool = True  # random virtual->physical permutation for IVE
     share_query: bool = True  # all heads use one query (UltraMem) or one each (PKM)
     qk_norm: bool = True  # RMSNorm on sub-queries and keys
+    norm_eps: float = 1e-5  # epsilon of the query and key RMSNorms (released code: 1e-5)
     query_batchnorm: bool = False  # PKM's optional BatchNorm on the query
-    score_activation: Literal["identity", "softmax", "relu"] = "identity"
+    # softmax: our default (docs/results.md §1); the paper and its released code use identity
+    score_activation: Literal["identity", "softmax", "relu"] = "softmax"
     output_proj: bool = True  # project the E pooled D_v vectors to d_model
+    # init std of the output projection: 0 (our default) starts the memory silent, as a residual branch;
+    # None: (E·D_v)^-0.5 (released code)
+    out_proj_std: float | None = 0.0
+    output_scale: float = 1.0  # multiplies the memory's output (0: a diagnostic that must give the backbone)
     value_init: Literal["paper", "code", "pkm"] = "paper"  # N(0, E/(2mHL)) | N(0, 0.02²) | N(0, 1/D_v)
     norm_init: Literal["code", "paper"] = "code"  # D_k^-0.33 | query 1/sqrt(E[Y]), key 1/sqrt(D_k)
     aux_loss: bool = True  # Tucker singular-value penalty
     aux_alpha: float = 1e-3
     aux_tau: float = 0.15
     aux_reduction: Literal["paper", "code"] = "paper"  # sum over heads | mean over heads
+    balance_loss: float = 0.0  # β of the row/column pre-selection balance loss (UltraMemV2 Eq. 19: 1e-3); 0: off
     seed: int = 0  # seeds the IVE permutation (a buffer, not a parameter)
     kernels: Literal["xla", "pallas", "auto"] = "auto"  # search + gather: XLA ops or Pallas kernels (kernels.py)
 
@@ -99,6 +106,12 @@ class MemoryConfig:
             _fail(f("output_proj"), "can be off only with expansion=1 and value_dim == d_model")
         if c.kind == "pkm" and (c.retrieval != "product_key" or c.expansion != 1):
             _fail(f("kind"), "pkm means product_key retrieval without value expansion (expansion=1)")
+        if not c.norm_eps > 0:
+            _fail(f("norm_eps"), f"must be > 0, got {c.norm_eps}")
+        if c.out_proj_std is not None and c.out_proj_std < 0:
+            _fail(f("out_proj_std"), f"must be >= 0, got {c.out_proj_std}")
+        if c.balance_loss < 0:
+            _fail(f("balance_loss"), f"must be >= 0, got {c.balance_loss}")
         if c.aux_alpha < 0:
             _fail(f("aux_alpha"), f"must be >= 0, got {c.aux_alpha}")
         if c.kernels not in ("xla", "pallas", "auto"):

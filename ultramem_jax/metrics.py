@@ -1,8 +1,12 @@
 """Metrics sinks: a JSONL file and TensorBoard event files under the run's output_dir (process 0 only)."""
 from __future__ import annotations
 
+import atexit
 import json
+import math
 import os
+
+from ultramem_jax.errors import warn
 
 
 class MetricsLogger:
@@ -12,27 +16,56 @@ class MetricsLogger:
             return
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resume_step and os.path.exists(self.path):  # drop records the resumed run will write again
-            with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
+            keep = _records_up_to(self.path, resume_step)
+            with open(self.path + ".tmp", "w") as f:
                 f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)  # a kill mid-rewrite leaves the old file whole
         elif not resume_step and os.path.exists(self.path):
-            os.replace(self.path, self.path + ".old")
+            old, n = self.path + ".old", 1
+            while os.path.exists(old):  # an earlier run's records are never overwritten
+                old, n = f"{self.path}.old{n}", n + 1
+            os.replace(self.path, old)
         self._file = open(self.path, "a")
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        # closed before the interpreter tears down (also when a run stops on an error): tensorboardX's writer
+        # thread, left open, prints a traceback at exit
+        atexit.register(self.close)
 
     def write(self, step: int, metrics: dict, kind: str = "train"):
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+            self._file.flush()
+        except OSError as e:  # e.g. a full disk: name the file in the one error line
+            raise OSError(e.errno, e.strerror, self.path) from None
         for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self._tb.add_scalar(f"{kind}/{k}", v, step)
+            if isinstance(v, (int, float)) and math.isfinite(v):  # a diverging run's last record keeps its
+                self._tb.add_scalar(f"{kind}/{k}", v, step)          # non-finite values in metrics.jsonl only
 
     def close(self):
-        if self.enabled:
+        if self.enabled and not self._file.closed:
             self._file.close()
             self._tb.close()
+
+
+def _records_up_to(path: str, step: int) -> list[str]:
+    """The lines of ``path`` with records up to ``step``.  A line that is not a JSON record (the torn last
+    line of a run killed mid-write, by a power cut or a full disk) is dropped with one warning."""
+    keep, torn = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+        warn(f"{path}: dropped {torn} unreadable line(s) (a write cut short)")
+    return keep

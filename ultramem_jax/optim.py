@@ -3,7 +3,13 @@
 Value LR ("value lr decay", the largest single gain of the paper's ablation):
     lr_value(step) = lr(step) · (1 + (M − 1) · max(0, 1 − step / (T · decay_frac)))
 M = 4 in the released code (10 in secondary sources); decay_frac = 1 decays over the whole run.
-The value tables are found by name (every memory layer's ``values``) and get their own AdamW.
+The value tables are found by name (every memory layer's ``values``) and get their own AdamW, whose
+treatment can follow the other reference systems by config (docs/results.md has the measurements):
+  value_learning_rate > 0   a constant value LR after the warm-up, outside the cosine (Memory Layers at Scale
+                            and PKM train values at a constant 1e-3); the multiplier then does not apply
+  value_grad_clip > 0       value tables clipped by their own global norm, the rest by grad_clip (Meta clips
+                            the two separately, so a loud table cannot shrink the backbone's updates)
+  value_b2, value_weight_decay   the values' own Adam β₂ and weight decay (None: the shared ones)
 """
 from __future__ import annotations
 
@@ -26,13 +32,22 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     value_lr_multiplier: float = 4.0  # M
     value_lr_decay_frac: float = 1.0  # the multiplier reaches 1 after this fraction of the run
+    # > 0 (our default, docs/results.md §1): constant value LR after the warm-up, as Memory+ and PKM train values;
+    # 0: the paper's schedule × the decaying multiplier below
+    value_learning_rate: float = 1e-3
+    value_grad_clip: float = 0.0  # > 0: clip value-table gradients by their own global norm (0: one global clip)
+    value_b2: float | None = None  # Adam β₂ of the value tables; None: b2
+    value_weight_decay: float | None = None  # weight decay of the value tables; None: weight_decay
 
     def __post_init__(self):
         checks = {"learning_rate": self.learning_rate > 0, "warmup_frac": 0 <= self.warmup_frac < 1,
                   "final_lr_ratio": 0 <= self.final_lr_ratio <= 1, "b1": 0 <= self.b1 < 1, "b2": 0 <= self.b2 < 1,
                   "eps": self.eps > 0, "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
                   "value_lr_multiplier": self.value_lr_multiplier >= 1,
-                  "value_lr_decay_frac": self.value_lr_decay_frac > 0}
+                  "value_lr_decay_frac": self.value_lr_decay_frac > 0,
+                  "value_learning_rate": self.value_learning_rate >= 0, "value_grad_clip": self.value_grad_clip >= 0,
+                  "value_b2": self.value_b2 is None or 0 <= self.value_b2 < 1,
+                  "value_weight_decay": self.value_weight_decay is None or self.value_weight_decay >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"optim.{name}: out of range ({getattr(self, name)!r})")
@@ -45,6 +60,9 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def value_lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    if cfg.value_learning_rate > 0:
+        warmup = max(1, int(cfg.warmup_frac * total_steps))
+        return optax.linear_schedule(0.0, cfg.value_learning_rate, warmup)
     base = lr_schedule(cfg, total_steps)
     horizon = max(1.0, cfg.value_lr_decay_frac * total_steps)
 
@@ -66,10 +84,15 @@ def param_labels(params):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    def adamw(schedule):
-        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    def adamw(schedule, b2, weight_decay, clip):
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=b2, eps=cfg.eps, weight_decay=weight_decay)
+        return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
 
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.multi_transform({"values": adamw(value_lr_schedule(cfg, total_steps)),
-                                        "other": adamw(lr_schedule(cfg, total_steps))}, param_labels))
+    separate = cfg.value_grad_clip > 0  # otherwise one clip over every gradient, as the released code does
+    values = adamw(value_lr_schedule(cfg, total_steps), cfg.b2 if cfg.value_b2 is None else cfg.value_b2,
+                   cfg.weight_decay if cfg.value_weight_decay is None else cfg.value_weight_decay,
+                   cfg.value_grad_clip if separate else 0.0)
+    other = adamw(lr_schedule(cfg, total_steps), cfg.b2, cfg.weight_decay, cfg.grad_clip if separate else 0.0)
+    parts = [] if separate or cfg.grad_clip <= 0 else [optax.clip_by_global_norm(cfg.grad_clip)]
+    parts.append(optax.multi_transform({"values": values, "other": other}, param_labels))
     return optax.chain(*parts)

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+import re
+
 import yaml
 
 from ultramem_jax.config import ModelConfig, from_dict
@@ -18,6 +20,24 @@ from ultramem_jax.errors import UsageError
 from ultramem_jax.optim import OptimConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 minus its base-60 numbers: ``memory_placement: 1:3`` (and the override ``model.memory_placement=1:3``)
+    is the string "1:3", not the integer 63, as in YAML 1.2."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (
+    "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*(?:[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def yaml_load(text):
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +49,7 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe (train one on the corpus) | path/to/tokenizer.json
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.02  # documents held out for validation, chosen by a fixed seed
+    val_dataset: str = ""  # files / globs / a prepared dir for validation instead of holding out val_fraction
     num_threads: int = 2  # grain reader threads
     prefetch: int = 8  # grain prefetch buffer, in batches
 
@@ -65,6 +86,7 @@ class TrainConfig:
     sharding: str = ""  # a layout file (configs/sharding/*.yml) merged over the preset
     memory_layout: dict[str, list] = dataclasses.field(default_factory=dict)  # {rows: [axes], cols: [axes]}
     peak_tflops: float = 0.0  # per device, for MFU; 0: known accelerators, or a measured matmul on CPU
+    resume_override: str = ""  # comma-separated keys a resume may change although they alter the run's meaning
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
@@ -92,7 +114,7 @@ class TrainConfig:
 def _read_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
@@ -138,7 +160,7 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
         if not key:
             raise UsageError(f"argument {arg!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(overrides, key, value)
@@ -174,7 +196,46 @@ def load_config(args: list[str]) -> TrainConfig:
         raise UsageError(str(e)) from None
 
 
+# What a resume may change: how the run is watched, saved and laid out on devices, not what it computes.
+# (Checkpoints restore onto any mesh; a layout change only reorders floating-point sums.)
+RESUME_MAY_CHANGE = ("output_dir", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                     "async_checkpointing", "distributed", "mesh", "logical_axis_rules", "sharding", "memory_layout",
+                     "peak_tflops", "resume_override", "data.num_threads", "data.prefetch", "model.memory.kernels",
+                     "model.moe.grouped_matmul")
+
+
 def config_fingerprint(cfg: TrainConfig) -> dict:
-    """What a checkpoint must agree with to be resumed: model shape, tokenizer, batch geometry."""
-    return json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "tokenizer": cfg.data.tokenizer,
-                                  "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}))
+    """What a resume must agree with: every key but RESUME_MAY_CHANGE (data, seed, steps, optimizer, model, ...).
+    The step count is in it because the LR schedule spans it, the data keys because the saved iterator position
+    indexes that data."""
+    tree = json.loads(json.dumps(cfg.to_dict()))
+    for key in RESUME_MAY_CHANGE:
+        *parents, last = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return tree
+
+
+def resume_overrides(cfg: TrainConfig) -> tuple[str, ...]:
+    """The keys of ``resume_override``, checked: a model key cannot be overridden (the checkpoint's arrays have
+    the model's shapes)."""
+    keys = tuple(k.strip() for k in cfg.resume_override.split(",") if k.strip())
+    flat = _flatten(config_fingerprint(cfg))
+    for k in keys:
+        if k == "model" or k.startswith("model."):
+            raise UsageError(f"resume_override: {k} cannot be overridden (the checkpoint fixes the model); use "
+                             "another output_dir")
+        if not any(f == k or f.startswith(k + ".") for f in flat):
+            raise UsageError(f"resume_override: {k!r} is not a key a resume checks (may change freely: "
+                             f"{', '.join(RESUME_MAY_CHANGE)})")
+    return keys
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out

@@ -9,9 +9,9 @@ import numpy as np
 from flax import nnx
 
 from ultramem_jax import data
-from ultramem_jax.optim import make_optimizer
+from ultramem_jax.optim import make_optimizer, param_labels
 from ultramem_jax.params import param_counts
-from ultramem_jax.stats import mean_core_singular_values, rows_hit
+from ultramem_jax.stats import mean_core_singular_values, memory_health, row_counts, usage_stats
 from ultramem_jax.transformer import create_model, lm_loss
 
 
@@ -41,20 +41,30 @@ def _under_mesh(fn, mesh):
     return call
 
 
+def _grad_norms(grads) -> dict:
+    """Global gradient norm, and separately the value tables' and the rest's (memory health)."""
+    labels = jax.tree.leaves(param_labels(grads))
+    leaves = jax.tree.leaves(grads)
+    sq = {name: sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g, lab in zip(leaves, labels) if lab == name),
+                    jnp.zeros((), jnp.float32)) for name in ("values", "other")}
+    out = {"grad_norm": jnp.sqrt(sq["values"] + sq["other"])}
+    if any(lab == "values" for lab in labels):
+        out.update(grad_norm_values=jnp.sqrt(sq["values"]), grad_norm_other=jnp.sqrt(sq["other"]))
+    return out
+
+
 def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sharding):
     """(model_state, opt_state, usage, tokens) → same, plus metrics.  Runs the once-per-step TDQKR refresh
-    before the forward pass; ``usage`` ORs up which value rows were hit since the last log."""
+    before the forward pass; ``usage`` counts how often each value row was read since the last log."""
 
     def step(model_state, opt_state, usage, tokens):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
         model.refresh_tucker()
         (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
         opt.update(model, grads)
-        usage = [u | rows_hit(info["rows"], u.shape[0]) for u, info in zip(usage, aux["memory"])]
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"], "grad_norm": _global_norm(grads)}
-        if aux["memory"]:
-            metrics["top1_score"] = jnp.stack([i["top1"] for i in aux["memory"]])
-            metrics["topm_score"] = jnp.stack([i["topm"] for i in aux["memory"]])
+        usage = [u + row_counts(info["rows"], u.shape[0]) for u, info in zip(usage, aux["memory"])]
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"], **_grad_norms(grads),
+                   **memory_health(aux["memory"])}
         spectra = mean_core_singular_values(model.memories)
         if spectra is not None:
             metrics["core_sv"] = spectra
@@ -94,10 +104,39 @@ def validation_loss(eval_step, model_state, val_stream, cfg, sharding) -> tuple[
     return total / max(count, 1), count
 
 
+def memory_health_report(model_def, model_state, val_stream, cfg, sharding, batches: int = 8) -> dict:
+    """Memory health of a model over ``batches`` validation batches (eval's report for a checkpoint): the
+    per-layer mean of each statistic, and usage over all of them, named as in metrics.jsonl."""
+    num_layers = cfg.model.num_memory_layers
+    if not num_layers:
+        return {}
+    num_values = cfg.model.resolved_memory.num_values
+
+    def health(model_state, tokens):
+        _, aux = nnx.merge(model_def, model_state)(tokens[:, :-1])
+        return memory_health(aux["memory"]), [row_counts(i["rows"], num_values) for i in aux["memory"]]
+
+    health = _under_mesh(jax.jit(health), sharding.mesh)
+
+    to_global = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])  # noqa: E731
+    sums, counts, n = {}, [np.zeros(num_values, np.int64) for _ in range(num_layers)], 0
+    for tokens, _ in data.val_batches(val_stream, cfg.seq_len, cfg.batch_size, batches):
+        stats, rows = jax.device_get(health(model_state, to_global(tokens)))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+        for acc, c in zip(counts, rows):
+            acc += c
+        n += 1
+    report = to_float_dict({k: v / max(n, 1) for k, v in sums.items()})
+    for k, c in enumerate(counts):
+        report[f"mem{k}/usage"], report[f"mem{k}/usage_entropy"] = usage_stats(c)
+    return report
+
+
 def new_usage(cfg, mesh):
     n = cfg.model.resolved_memory.num_values if cfg.model.memory else 0
     with jax.set_mesh(mesh):
-        return [jnp.zeros((n,), jnp.bool_) for _ in range(cfg.model.num_memory_layers)]
+        return [jnp.zeros((n,), jnp.int32) for _ in range(cfg.model.num_memory_layers)]
 
 
 # ---- throughput --------------------------------------------------------------------------------------------

@@ -29,16 +29,19 @@ def virtual_to_physical(slots: jax.Array, permutation: jax.Array | None, num_val
 
 
 def gather_pool(values_NxD: jax.Array, rows_TxK: jax.Array, blocks_TxK: jax.Array, scores_TxKxC: jax.Array,
-                num_blocks: int) -> jax.Array:
+                num_blocks: int, tap_TxKxD: jax.Array | None = None) -> jax.Array:
     """pooled[t, p, c-th slice] = Σ_{k: block[t,k]=p} scores[t,k,c] · values[rows[t,k], c-th slice].
 
     Returns T×E×D.  This reference gathers T×K×D rows; the gradient w.r.t. ``values`` is a scatter-add,
-    exactly zero on rows nobody selected.
+    exactly zero on rows nobody selected.  With ``tap_TxKxD`` the table is outside autodiff and the gathered
+    rows' gradient is the tap's (the sparse value update's row gradients).
     """
     T, K = rows_TxK.shape
     C = scores_TxKxC.shape[-1]
     D = values_NxD.shape[-1]
-    rows_TxKxCxd = jnp.take(values_NxD, rows_TxK, axis=0).reshape(T, K, C, D // C)
+    gathered_TxKxD = (jnp.take(values_NxD, rows_TxK, axis=0) if tap_TxKxD is None else
+                      jnp.take(jax.lax.stop_gradient(values_NxD), rows_TxK, axis=0) + tap_TxKxD)
+    rows_TxKxCxd = gathered_TxKxD.reshape(T, K, C, D // C)
     onehot_TxKxE = jax.nn.one_hot(blocks_TxK, num_blocks, dtype=scores_TxKxC.dtype)
     weights_TxKxExC = onehot_TxKxE[..., :, None] * scores_TxKxC[..., None, :]
     pooled_TxExCxd = jnp.einsum("tkec,tkcd->tecd", weights_TxKxExC, rows_TxKxCxd.astype(scores_TxKxC.dtype))

@@ -52,10 +52,12 @@ def _backend(impl: str) -> tuple[str, bool]:
     return ("gpu", False) if impl in ("gpu", "gpu_pool") else ("tpu", impl == "interpret")
 
 
-def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int, impl: str = "xla"):
-    """``ive.gather_pool`` by ``impl``.  The TPU kernel DMAs 32-bit rows; other tables take the XLA path."""
-    if impl == "xla" or (impl in ("tpu", "interpret") and values_NxD.dtype.itemsize != 4):
-        return ive.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks)
+def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int, impl: str = "xla",
+                tap_TxKxD=None):
+    """``ive.gather_pool`` by ``impl``.  The TPU kernel DMAs 32-bit rows; other tables take the XLA path, and so
+    does a tapped gather (sparse value updates: the kernels' backward builds the dense table gradient)."""
+    if impl == "xla" or tap_TxKxD is not None or (impl in ("tpu", "interpret") and values_NxD.dtype.itemsize != 4):
+        return ive.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, tap_TxKxD)
     from pallas_kernels import gather_pool as kernel
     backend, interpret = _backend(impl)
     return kernel.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, backend, interpret)

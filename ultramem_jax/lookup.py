@@ -39,14 +39,15 @@ class MemoryLayout:
 
 
 def local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values: int, num_blocks: int,
-                 impl: str = "xla"):
+                 impl: str = "xla", tap_TxKxD=None):
     """out[t] = Σ_p W_pᵀ Σ_{k: block=p} s_k ⊙ V[row_k], with (block, row) = divmod(ids, N).
 
     ``out_proj`` None means no projection (PKM with D_v = d_model): the pooled vector is the output.
-    ``impl`` picks the gather-pool implementation (``kernels.resolve``).
+    ``impl`` picks the gather-pool implementation (``kernels.resolve``); ``tap_TxKxD`` (sparse value updates)
+    is added to the gathered rows, the table then held outside autodiff.
     """
     blocks, rows = ids_TxK // num_values, ids_TxK % num_values
-    pooled_TxExD = kernels.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks, impl)
+    pooled_TxExD = kernels.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks, impl, tap_TxKxD)
     if out_proj_ExDxO is None:
         return pooled_TxExD[:, 0]
     return jnp.einsum("tev,evd->td", pooled_TxExD, out_proj_ExDxO.astype(pooled_TxExD.dtype))
@@ -57,10 +58,14 @@ def _spec(axes):
 
 
 def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC,
-                  num_values: int, num_blocks: int, impl: str = "xla"):
+                  num_values: int, num_blocks: int, impl: str = "xla", tap_TxKxD=None):
     """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally."""
     if layout is None or layout.kind == "replicated":
-        return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl)
+        return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl,
+                            tap_TxKxD)
+    if tap_TxKxD is not None:
+        raise ValueError(f"optim.value_update: sparse does not support the {layout.kind} memory layout yet "
+                         "(only replicated)")
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
     gather_axes = tuple(a for a in B if a in R + C)  # table shards that also hold different tokens
     sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens

@@ -25,6 +25,11 @@ class MemoryBuffer(nnx.Variable):
     """A fixed, non-trainable array of the layer (the IVE permutation)."""
 
 
+class ValueTap(nnx.Variable):
+    """Zeros added to the gathered value rows (T×K×D_v) by the sparse-update train step: their gradient is the
+    rows' gradient, so the table itself stays outside autodiff (row_adam.py).  Absent outside that step."""
+
+
 class TuckerVectors(nnx.Variable):
     """The detached leading singular vectors (u, t) used for the pre-selection; refreshed once per step.
 
@@ -173,9 +178,10 @@ class UltraMemLayer(nnx.Module):
         ids_TxK = ids_TxHxM.reshape(-1, K)
         out_proj = self.out_proj[...] if cfg.output_proj else None
         # the table goes in uncast: the lookup casts only the rows it reads to the scores' dtype
+        tap = getattr(self, "value_tap", None)
         out_TxD = lookup.memory_lookup(self.layout, self.values[...], out_proj, ids_TxK,
                                        scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion,
-                                       impl=self.impl)
+                                       impl=self.impl, tap_TxKxD=None if tap is None else tap[...])
         if cfg.output_scale != 1.0:
             out_TxD = out_TxD * cfg.output_scale
         selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by

@@ -10,6 +10,10 @@ treatment can follow the other reference systems by config (docs/results.md has 
   value_grad_clip > 0       value tables clipped by their own global norm, the rest by grad_clip (Meta clips
                             the two separately, so a loud table cannot shrink the backbone's updates)
   value_b2, value_weight_decay   the values' own Adam β₂ and weight decay (None: the shared ones)
+  value_update              dense: optax AdamW over the whole table (its gradient built at N × D_v every step);
+                            sparse: only the rows a step touched are read and written (row_adam.py), with dense
+                            AdamW's result (skipped steps applied on the next touch and at flush); lazy: plain
+                            lazy AdamW (untouched rows and their moments stand still).  Replicated layout only.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ultramem_jax import row_adam
+
+VALUE_UPDATES = ("dense", "sparse", "lazy")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -38,6 +45,7 @@ class OptimConfig:
     value_grad_clip: float = 0.0  # > 0: clip value-table gradients by their own global norm (0: one global clip)
     value_b2: float | None = None  # Adam β₂ of the value tables; None: b2
     value_weight_decay: float | None = None  # weight decay of the value tables; None: weight_decay
+    value_update: str = "dense"  # dense | sparse | lazy (see the module docstring)
 
     def __post_init__(self):
         checks = {"learning_rate": self.learning_rate > 0, "warmup_frac": 0 <= self.warmup_frac < 1,
@@ -51,6 +59,22 @@ class OptimConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"optim.{name}: out of range ({getattr(self, name)!r})")
+        if self.value_update not in VALUE_UPDATES:
+            raise ValueError(f"optim.value_update: must be one of {list(VALUE_UPDATES)}, got {self.value_update!r}")
+        if self.value_update == "sparse":
+            row_adam.horizon(self.b1, self.resolved_value_b2)
+
+    @property
+    def resolved_value_b2(self) -> float:
+        return self.b2 if self.value_b2 is None else self.value_b2
+
+    @property
+    def resolved_value_weight_decay(self) -> float:
+        return self.weight_decay if self.value_weight_decay is None else self.value_weight_decay
+
+    @property
+    def sparse_values(self) -> bool:
+        return self.value_update != "dense"
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -84,15 +108,31 @@ def param_labels(params):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optax transformation of every parameter; with sparse value updates, of every parameter but the value
+    tables (row_adam updates those, and a joint clip is then the train step's: ``clip_factor``)."""
     def adamw(schedule, b2, weight_decay, clip):
         opt = optax.adamw(schedule, b1=cfg.b1, b2=b2, eps=cfg.eps, weight_decay=weight_decay)
         return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
 
     separate = cfg.value_grad_clip > 0  # otherwise one clip over every gradient, as the released code does
-    values = adamw(value_lr_schedule(cfg, total_steps), cfg.b2 if cfg.value_b2 is None else cfg.value_b2,
-                   cfg.weight_decay if cfg.value_weight_decay is None else cfg.value_weight_decay,
+    values = adamw(value_lr_schedule(cfg, total_steps), cfg.resolved_value_b2, cfg.resolved_value_weight_decay,
                    cfg.value_grad_clip if separate else 0.0)
     other = adamw(lr_schedule(cfg, total_steps), cfg.b2, cfg.weight_decay, cfg.grad_clip if separate else 0.0)
+    if cfg.sparse_values:
+        return other
     parts = [] if separate or cfg.grad_clip <= 0 else [optax.clip_by_global_norm(cfg.grad_clip)]
     parts.append(optax.multi_transform({"values": values, "other": other}, param_labels))
     return optax.chain(*parts)
+
+
+def value_row_hyper(cfg: OptimConfig, total_steps: int) -> row_adam.Hyper:
+    """The value tables' row-sparse AdamW: the same schedule, β's, ε and weight decay as the dense one."""
+    return row_adam.Hyper(value_lr_schedule(cfg, total_steps), total_steps, cfg.b1, cfg.resolved_value_b2, cfg.eps,
+                          cfg.resolved_value_weight_decay, cfg.value_update, cfg.grad_clip, cfg.value_grad_clip)
+
+
+def clip_factor(norm, max_norm: float):
+    """What ``optax.clip_by_global_norm(max_norm)`` multiplies the gradients by, given their global norm."""
+    if max_norm <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.where(norm < max_norm, 1.0, max_norm / norm).astype(jnp.float32)

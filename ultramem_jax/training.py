@@ -8,18 +8,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ultramem_jax import data
-from ultramem_jax.optim import make_optimizer, param_labels
+from ultramem_jax import data, row_adam
+from ultramem_jax.errors import UsageError
+from ultramem_jax.memory import ValueTap
+from ultramem_jax.optim import clip_factor, make_optimizer, param_labels, value_row_hyper
 from ultramem_jax.params import param_counts
 from ultramem_jax.stats import mean_core_singular_values, memory_health, row_counts, usage_stats
 from ultramem_jax.transformer import create_model, lm_loss
 
 
+def optax_params(optim_cfg):
+    """The parameters optax updates: all of them, or all but the value tables (sparse value updates)."""
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("values"))) if optim_cfg.sparse_values else nnx.Param
+
+
+def check_value_update(optim_cfg, layout):
+    if optim_cfg.sparse_values and layout is not None and layout.kind != "replicated":
+        raise UsageError(f"optim.value_update: {optim_cfg.value_update} supports only the replicated memory layout "
+                         f"so far, not {layout.kind}; use optim.value_update=dense")
+
+
 def build(cfg, mesh, rules, layout=None):
-    """Model and optimizer, created sharded under the mesh; returns graphdefs and states."""
+    """Model and optimizer, created sharded under the mesh; returns graphdefs and states.  With sparse value
+    updates the optimizer also holds each table's row state (``value_rows``) and its constants (static)."""
+    check_value_update(cfg.optim, layout)
     model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules, layout=layout)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.steps), wrt=optax_params(cfg.optim))
+        if cfg.optim.sparse_values:
+            opt.value_rows = nnx.List([row_adam.RowAdamState(m.values[...]) for m in model.memories])
+            opt.value_hyper = value_row_hyper(cfg.optim, cfg.steps)
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(opt)
     return model_def, model_state, opt_def, opt_state
@@ -53,6 +71,43 @@ def _grad_norms(grads) -> dict:
     return out
 
 
+def _sparse_value_step(model, opt, tokens):
+    """Forward, backward and update with row-sparse value tables (row_adam.py): the gradient is taken with
+    respect to zero taps on the gathered rows, never the tables; duplicate rows are summed, clipping sees the
+    exact value-table norm, and only the touched rows of the tables and moments are written.
+    Returns (loss, (ce, aux)), gradient norms."""
+    hyper = opt.value_hyper
+    T = tokens.shape[0] * (tokens.shape[1] - 1)
+    for mem in model.memories:
+        c = mem.cfg
+        mem.value_tap = ValueTap(jnp.zeros((T, c.heads * c.topk, c.value_dim), mem.values.dtype))
+    wrt = opt.wrt
+    (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, nnx.Any(wrt, ValueTap)),
+                                                  has_aux=True)(model, tokens)
+    tap_grads = [grads["memories"][i]["value_tap"][...] for i in range(len(model.memories))]
+    for mem in model.memories:
+        del mem.value_tap
+    other = nnx.state(grads, wrt)
+    rows = [row_adam.sum_duplicates(info["rows"], g, mem.cfg.num_values)
+            for info, g, mem in zip(aux["memory"], tap_grads, model.memories)]
+    sq = {"values": sum((jnp.sum(jnp.square(g)) for _, g in rows), jnp.zeros((), jnp.float32)),
+          "other": sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(other)),
+                       jnp.zeros((), jnp.float32))}
+    norms = {"grad_norm": jnp.sqrt(sq["values"] + sq["other"])}
+    if rows:
+        norms.update(grad_norm_values=jnp.sqrt(sq["values"]), grad_norm_other=jnp.sqrt(sq["other"]))
+    if hyper.value_grad_clip > 0:  # values by their own norm; the rest by optax's clip in make_optimizer
+        value_scale = clip_factor(jnp.sqrt(sq["values"]), hyper.value_grad_clip)
+    else:  # one clip over every gradient
+        value_scale = clip_factor(norms["grad_norm"], hyper.grad_clip)
+        other = jax.tree.map(lambda g: (g * value_scale).astype(g.dtype), other)
+    step = opt.step[...].astype(jnp.int32)
+    opt.update(model, other)
+    for mem, state, (ids, g) in zip(model.memories, opt.value_rows, rows):
+        mem.values[...] = row_adam.update(hyper, mem.values[...], state, ids, g * value_scale, step)
+    return (loss, (ce, aux)), norms
+
+
 def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sharding):
     """(model_state, opt_state, usage, tokens) → same, plus metrics.  Runs the once-per-step TDQKR refresh
     before the forward pass; ``usage`` counts how often each value row was read since the last log."""
@@ -60,10 +115,14 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
     def step(model_state, opt_state, usage, tokens):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
         model.refresh_tucker()
-        (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
-        opt.update(model, grads)
+        if hasattr(opt, "value_rows"):
+            (loss, (ce, aux)), norms = _sparse_value_step(model, opt, tokens)
+        else:
+            (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+            opt.update(model, grads)
+            norms = _grad_norms(grads)
         usage = [u + row_counts(info["rows"], u.shape[0]) for u, info in zip(usage, aux["memory"])]
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"], **_grad_norms(grads),
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"], **norms,
                    **memory_health(aux["memory"])}
         spectra = mean_core_singular_values(model.memories)
         if spectra is not None:
@@ -73,6 +132,24 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
     shard = (_shardings(model_state), _shardings(opt_state), _shardings(usage))
     return _under_mesh(jax.jit(step, in_shardings=(*shard, batch_sharding), out_shardings=(*shard, None),
                                donate_argnums=(0, 1, 2)), batch_sharding.mesh)
+
+
+def make_flush(model_def, opt_def, model_state, opt_state):
+    """(model_state, opt_state) → same with every value table caught up to the current step (row_adam.flush),
+    so what is saved or evaluated is the dense optimizer's table.  The identity without sparse value updates."""
+    opt = nnx.merge(opt_def, opt_state)
+    if not hasattr(opt, "value_rows"):
+        return lambda model_state, opt_state: (model_state, opt_state)
+
+    def flush(model_state, opt_state):
+        model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
+        step = opt.step[...].astype(jnp.int32)
+        for mem, state in zip(model.memories, opt.value_rows):
+            mem.values[...] = row_adam.flush(opt.value_hyper, mem.values[...], state, step)
+        return nnx.state(model), nnx.state(opt)
+
+    shard = (_shardings(model_state), _shardings(opt_state))
+    return jax.jit(flush, in_shardings=shard, out_shardings=shard, donate_argnums=(0, 1))
 
 
 @jax.jit

@@ -1,0 +1,140 @@
+"""Row-sparse AdamW for the value tables (``optim.value_update: sparse | lazy``): cost follows the rows a step
+touches, not the table.
+
+The train step differentiates with respect to the *gathered* rows (memory.ValueTap), so the table's gradient
+is never built at N × D_v; ``sum_duplicates`` turns the T·K row cotangents into one gradient per touched row,
+and ``update`` reads, updates and writes back only those rows of the table and of both moments (scatters into
+the donated buffers).  ``last[r]`` counts the optimizer steps row r has been brought up to.
+
+``sparse``: dense AdamW's result.  A row untouched for steps s … t−1 had a zero gradient there, so dense AdamW
+would have applied, with ρ = β₁/√β₂ and the step-j constants lr_j, ĉ1_j = 1 − β₁^(j+1), ĉ2_j = 1 − β₂^(j+1):
+
+    m ← β₁^k m,   v ← β₂^k v                                                (k = t − s)
+    p ← A p − B · m / (√v + ε),   A = Π_j (1 − lr_j·wd),
+                                 B = Σ_{d=1..k} lr_j ρ^d √ĉ2_j / ĉ1_j · Π_{i>j} (1 − lr_i·wd),  j = s + d − 1
+
+``update`` applies this catch-up to a row when it is next touched, before the step's own AdamW update, and
+``flush`` to every row (checkpoints and evaluation then see the dense optimizer's table).  A and the weight
+decay products come from a float64 table of Σ log(1 − lr_j·wd) over the run's schedule; B's sum stops after
+``horizon(b1, b2)`` terms (ρ^d < 1e-9 beyond).  The one difference from dense AdamW: in the skipped steps ε
+enters as ε·√(β₂^d / ĉ2_j) instead of ε (the factorised form needs it), which changes nothing while √v̂ ≫ ε
+and keeps a row whose √v̂ is near ε from moving more than dense AdamW would move it.
+
+``lazy``: plain lazy AdamW (PKM's SparseAdam with decoupled weight decay): untouched rows and their moments
+stay as they are; a touched row takes one AdamW step with its stale moments and the global bias correction.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+RHO_TAIL = 1e-9  # the catch-up sum stops where ρ^d falls below this
+
+
+class RowAdamState(nnx.Pytree):
+    """One value table's moments and per-row step counts (part of the optimizer state, checkpointed)."""
+
+    def __init__(self, values_NxD: jax.Array):
+        self.m = nnx.OptState(jnp.zeros_like(values_NxD))
+        self.v = nnx.OptState(jnp.zeros_like(values_NxD))
+        self.last = nnx.OptState(jnp.zeros(values_NxD.shape[:1], jnp.int32))
+
+
+def horizon(b1: float, b2: float) -> int:
+    rho = b1 / math.sqrt(b2)
+    if rho >= 1:
+        raise ValueError(f"optim.value_update: sparse needs b1 < sqrt(value b2) (got b1={b1}, b2={b2}): the "
+                         "skipped steps' momentum then dies out")
+    return 1 if rho == 0 else max(1, math.ceil(math.log(RHO_TAIL) / math.log(rho)))
+
+
+class Hyper:
+    """The value tables' AdamW constants and per-step tables (lr_j and the prefix sums of log(1 − lr_j·wd)), and
+    the clipping settings the train step applies to the row gradients (optim.OptimConfig's meaning)."""
+
+    def __init__(self, schedule, total_steps: int, b1: float, b2: float, eps: float, weight_decay: float,
+                 mode: str = "sparse", grad_clip: float = 0.0, value_grad_clip: float = 0.0):
+        self.b1, self.b2, self.eps, self.wd, self.mode = b1, b2, eps, weight_decay, mode
+        self.grad_clip, self.value_grad_clip = grad_clip, value_grad_clip
+        self.schedule = schedule
+        self.horizon = horizon(b1, b2) if mode == "sparse" else 0
+        steps = np.arange(total_steps + 1)
+        lr = np.asarray(jax.device_get(jax.vmap(schedule)(jnp.asarray(steps))), np.float64)
+        self.lr_table = lr.astype(np.float32)
+        # log_decay[i] = Σ_{j<i} log(1 − lr_j·wd), in float64 before the cast (a run never steps past its table)
+        self.log_decay = np.concatenate([[0.0], np.cumsum(np.log1p(-lr * weight_decay))]).astype(np.float32)
+
+
+def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
+    """(ids_U, grads_UxD): each distinct row once with its summed gradient; U = T·K slots, the unused ones
+    padded with id ``num_rows`` (outside the table: gathers fill, scatters drop them) and zero gradients."""
+    ids = ids_TxK.reshape(-1)
+    size = ids.shape[0]
+    uniq, inverse = jnp.unique(ids, size=size, fill_value=num_rows, return_inverse=True)
+    grads = jax.ops.segment_sum(grads_TxKxD.reshape(size, -1), inverse.reshape(-1), num_segments=size)
+    return uniq.astype(jnp.int32), grads
+
+
+def _catch_up(h: Hyper, p, m, v, last, step):
+    """Rows (p, m, v with per-row ``last``) brought from step ``last`` up to ``step`` (exclusive) as dense AdamW
+    would with zero gradients.  The B sum runs over d < min(max k, horizon), vectorised over rows."""
+    k = step - last
+    b1, b2 = jnp.float32(h.b1), jnp.float32(h.b2)
+    rho = jnp.float32(h.b1 / math.sqrt(h.b2))
+    lr_tab, log_decay = jnp.asarray(h.lr_table), jnp.asarray(h.log_decay)
+    n_tab = lr_tab.shape[0]
+    decay_at = lambda i: log_decay[jnp.minimum(i, n_tab)]  # noqa: E731
+    lr_at = lambda j: lr_tab[jnp.minimum(j, n_tab - 1)]  # noqa: E731
+    end = decay_at(step)
+
+    def term(d, acc):
+        j = last + d - 1  # the skipped step, 0-based
+        c1 = 1 - b1 ** (j + 1).astype(jnp.float32)
+        c2 = 1 - b2 ** (j + 1).astype(jnp.float32)
+        w = lr_at(j) * rho ** d.astype(jnp.float32) * jnp.sqrt(c2) / c1 * jnp.exp(end - decay_at(j + 1))
+        return acc + jnp.where(d <= k, w, 0.0)
+
+    n_terms = jnp.minimum(jnp.max(k, initial=0), h.horizon)
+    coef_b = jax.lax.fori_loop(1, n_terms + 1, lambda d, acc: term(d, acc), jnp.zeros(k.shape, jnp.float32))
+    coef_a = jnp.exp(end - decay_at(last))
+    kf = k.astype(jnp.float32)[:, None]
+    p = coef_a[:, None] * p - coef_b[:, None] * (m / (jnp.sqrt(v) + h.eps))
+    return p, m * b1 ** kf, v * b2 ** kf
+
+
+def update(h: Hyper, values_NxD, state: RowAdamState, ids_U, grads_UxD, step):
+    """One AdamW step (count ``step``, 0-based) of the rows ``ids_U`` (distinct; padding = N) with their
+    gradients, after the catch-up of their skipped steps; every other row is left untouched."""
+    m_NxD, v_NxD, last_N = state.m[...], state.v[...], state.last[...]
+    take = lambda x: jnp.take(x, ids_U, axis=0, mode="fill", fill_value=0)  # noqa: E731
+    p, m, v = take(values_NxD), take(m_NxD), take(v_NxD)
+    if h.mode == "sparse":
+        p, m, v = _catch_up(h, p, m, v, take(last_N), step)
+    b1, b2 = jnp.float32(h.b1), jnp.float32(h.b2)
+    g = grads_UxD.astype(jnp.float32)
+    m = (1 - b1) * g + b1 * m  # optax's update_moment order
+    v = (1 - b2) * g * g + b2 * v
+    count = (step + 1).astype(jnp.float32)
+    m_hat, v_hat = m / (1 - b1 ** count), v / (1 - b2 ** count)
+    lr = jnp.asarray(h.lr_table)[jnp.minimum(step, h.lr_table.shape[0] - 1)]
+    u = m_hat / (jnp.sqrt(v_hat) + h.eps) + h.wd * p
+    p = p - lr * u
+    put = lambda x, rows: x.at[ids_U].set(rows.astype(x.dtype), mode="drop")  # noqa: E731
+    state.m[...], state.v[...] = put(m_NxD, m), put(v_NxD, v)
+    state.last[...] = last_N.at[ids_U].set(step + 1, mode="drop")
+    return put(values_NxD, p)
+
+
+def flush(h: Hyper, values_NxD, state: RowAdamState, step):
+    """Every row caught up to ``step`` optimizer steps (``sparse``; ``lazy`` has nothing to apply): afterwards
+    the table and moments are dense AdamW's.  Costs a pass over the table; for checkpoints and evaluation."""
+    if h.mode != "sparse":
+        return values_NxD
+    p, m, v = _catch_up(h, values_NxD, state.m[...], state.v[...], state.last[...], step)
+    state.m[...], state.v[...] = m, v
+    state.last[...] = jnp.full_like(state.last[...], step)
+    return p

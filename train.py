@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
     mesh = make_mesh(cfg.mesh)
     rules = logical_rules(cfg.logical_axis_rules, mesh)
     layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
+    training.check_value_update(cfg.optim, layout)
     data_sharding = batch_sharding(mesh, rules)
     check_fits(cfg, data_sharding)
 
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> int:
     usage = training.new_usage(cfg, mesh)
     train_step = training.make_train_step(model_def, opt_def, model_state, opt_state, usage, data_sharding)
     eval_step = training.make_eval_step(model_def, mesh)
+    flush = training.make_flush(model_def, opt_def, model_state, opt_state)  # sparse value updates' catch-up
     global_shape = (cfg.batch_size, cfg.seq_len + 1)
     to_train = lambda x: jax.make_array_from_process_local_data(data_sharding, x, global_shape)  # noqa: E731
 
@@ -161,6 +163,8 @@ def main(argv: list[str]) -> int:
             finish(*pending)
             pending = None
         paused = time.perf_counter()
+        if eval_now or save_now:  # sparse value updates: every table row catches up (dense AdamW's table)
+            model_state, opt_state = flush(model_state, opt_state)
         if eval_now:
             run_eval(done)
         if save_now and not bool(training.all_finite(model_state)):

@@ -1,0 +1,239 @@
+"""Row-sparse value updates (optim.value_update: sparse | lazy): row_adam against optax's dense AdamW and a NumPy
+lazy AdamW, the train step against the dense one, no N x D_v temporary in the compiled step, bitwise resume."""
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ultramem_jax import MemoryConfig, ModelConfig, data, row_adam, training
+from ultramem_jax.checkpointing import Checkpointer, abstract_like
+from ultramem_jax.errors import UsageError
+from ultramem_jax.lookup import MemoryLayout
+from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
+from ultramem_jax.optim import OptimConfig, clip_factor, value_lr_schedule, value_row_hyper
+from ultramem_jax.train_config import TrainConfig
+
+N, D, STEPS = 48, 8, 60
+
+
+def _id_stream(rng, steps=STEPS, per_step=24):
+    """Per step T·K = ``per_step`` ids with repeats: rows ≥ 40 are never read, rows 32–39 only in the first 3 and
+    the last 2 steps (absent ~55 steps, longer than the catch-up horizon of the second case), the rest at random."""
+    out = []
+    for t in range(steps):
+        pool = np.arange(32) if 3 <= t < steps - 2 else np.arange(40)
+        ids = rng.choice(pool, per_step)
+        ids[: per_step // 4] = ids[0]  # a row read several times by one step
+        out.append(ids.astype(np.int32))
+    return out
+
+
+def _grads(rng, ids_stream):
+    return [(rng.normal(size=(len(ids), D)) * rng.uniform(0.01, 1.0)).astype(np.float32) for ids in ids_stream]
+
+
+CASES = {  # the paper's value LR (warm-up, cosine × decaying multiplier), and Memory+'s constant one
+    "paper": dict(value_learning_rate=0.0, value_lr_multiplier=4.0, learning_rate=3e-2, warmup_frac=0.05,
+                  weight_decay=0.1, grad_clip=1.0),
+    "constant": dict(value_learning_rate=2e-2, warmup_frac=0.1, b1=0.5, value_b2=0.9, value_weight_decay=0.3,
+                     grad_clip=0.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sparse_rows_equal_dense_adamw(rng, case):
+    """Sum of duplicates, clipping by the rows' norm, catch-up of absent rows and a flush midway and at the end:
+    table and moments equal optax's AdamW over the dense gradient (NumPy scatter-add) every step of the way."""
+    ocfg = OptimConfig(value_update="sparse", **CASES[case])
+    hyper = value_row_hyper(ocfg, STEPS)
+    assert case != "constant" or hyper.horizon < 50  # the long-absent rows outlive the bounded sum
+    dense = optax.chain(optax.clip_by_global_norm(ocfg.grad_clip),
+                        optax.adamw(value_lr_schedule(ocfg, STEPS), b1=ocfg.b1, b2=ocfg.resolved_value_b2,
+                                    eps=ocfg.eps, weight_decay=ocfg.resolved_value_weight_decay))
+    table0 = rng.normal(size=(N, D)).astype(np.float32)
+    ids_stream = _id_stream(rng)
+    grad_stream = _grads(rng, ids_stream)
+
+    @jax.jit
+    def sparse_step(values, state, ids, grads, step):
+        uniq, summed = row_adam.sum_duplicates(ids, grads, N)
+        scale = clip_factor(jnp.sqrt(jnp.sum(summed * summed)), ocfg.grad_clip)
+        return row_adam.update(hyper, values, state, uniq, summed * scale, step), state
+
+    flush = jax.jit(lambda values, state, step: (row_adam.flush(hyper, values, state, step), state))
+    dense_step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*dense.update(g, s, p)))
+
+    p_dense, s_dense = jnp.asarray(table0), dense.init(jnp.asarray(table0))
+    p_sparse, state = jnp.asarray(table0), row_adam.RowAdamState(jnp.asarray(table0))
+    for t, (ids, g) in enumerate(zip(ids_stream, grad_stream)):
+        full = np.zeros((N, D), np.float32)
+        np.add.at(full, ids, g)
+        p_dense, s_dense = dense_step(p_dense, s_dense, jnp.asarray(full))
+        p_sparse, state = sparse_step(p_sparse, state, jnp.asarray(ids), jnp.asarray(g), jnp.int32(t))
+        if t in (STEPS // 2, STEPS - 1):
+            p_sparse, state = flush(p_sparse, state, jnp.int32(t + 1))
+            adam = s_dense[1][0]
+            np.testing.assert_allclose(np.asarray(p_sparse), np.asarray(p_dense), rtol=2e-5, atol=2e-6)
+            np.testing.assert_allclose(np.asarray(state.m[...]), np.asarray(adam.mu), rtol=2e-5, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(state.v[...]), np.asarray(adam.nu), rtol=2e-5, atol=1e-9)
+            assert (np.asarray(state.last[...]) == t + 1).all()
+    moved = np.abs(np.asarray(p_dense) - table0)
+    assert moved[40:].max() > 1e-3  # never-read rows moved by weight decay alone: the check covers them
+
+
+def test_lazy_rows_follow_lazy_adamw(rng):
+    """``lazy``: a touched row takes one AdamW step with its stale moments; untouched rows do not move."""
+    ocfg = OptimConfig(value_update="lazy", value_learning_rate=1e-2, warmup_frac=0.1, weight_decay=0.2, grad_clip=0)
+    hyper = value_row_hyper(ocfg, STEPS)
+    sched = value_lr_schedule(ocfg, STEPS)
+    b1, b2, eps, wd = ocfg.b1, ocfg.resolved_value_b2, ocfg.eps, ocfg.resolved_value_weight_decay
+    ids_stream = _id_stream(rng)
+    grad_stream = _grads(rng, ids_stream)
+    p = rng.normal(size=(N, D)).astype(np.float64)
+    values, state = jnp.asarray(p, jnp.float32), row_adam.RowAdamState(jnp.asarray(p, jnp.float32))
+    m, v = np.zeros_like(p), np.zeros_like(p)
+
+    @jax.jit
+    def step(values, state, ids, grads, t):
+        uniq, summed = row_adam.sum_duplicates(ids, grads, N)
+        return row_adam.update(hyper, values, state, uniq, summed, t), state
+
+    for t, (ids, g) in enumerate(zip(ids_stream, grad_stream)):
+        rows = np.unique(ids)
+        full = np.zeros((N, D))
+        np.add.at(full, ids, g)
+        m[rows] = b1 * m[rows] + (1 - b1) * full[rows]
+        v[rows] = b2 * v[rows] + (1 - b2) * full[rows] ** 2
+        u = m[rows] / (1 - b1 ** (t + 1)) / (np.sqrt(v[rows] / (1 - b2 ** (t + 1))) + eps) + wd * p[rows]
+        p[rows] -= float(sched(t)) * u
+        values, state = step(values, state, jnp.asarray(ids), jnp.asarray(g), jnp.int32(t))
+    np.testing.assert_allclose(np.asarray(values), p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.m[...]), m, rtol=1e-4, atol=1e-7)
+
+
+def test_sum_duplicates_pads_with_an_out_of_table_id(rng):
+    ids = rng.integers(0, 5, (6, 3)).astype(np.int32)
+    g = rng.normal(size=(6, 3, 2)).astype(np.float32)
+    uniq, summed = row_adam.sum_duplicates(jnp.asarray(ids), jnp.asarray(g), 7)
+    uniq, summed = np.asarray(uniq), np.asarray(summed)
+    want = sorted(set(ids.reshape(-1).tolist()))
+    assert uniq[:len(want)].tolist() == want and (uniq[len(want):] == 7).all()
+    for r, s in zip(uniq[:len(want)], summed):
+        np.testing.assert_allclose(s, g.reshape(-1, 2)[ids.reshape(-1) == r].sum(0), rtol=1e-6, atol=1e-6)
+    assert not summed[len(want):].any()
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="optim.value_update: must be one of"):
+        OptimConfig(value_update="adagrad")
+    with pytest.raises(ValueError, match="optim.value_update: sparse needs b1 < sqrt"):
+        OptimConfig(value_update="sparse", b1=0.9, value_b2=0.5)
+    with pytest.raises(UsageError, match="only the replicated memory layout"):
+        training.check_value_update(OptimConfig(value_update="sparse"), MemoryLayout(row_axes=("data",)))
+    training.check_value_update(OptimConfig(value_update="dense"), MemoryLayout(row_axes=("data",)))
+
+
+# ---- the train step ------------------------------------------------------------------------------------------
+
+def _cfg(update, num_keys=8, **optim):
+    return TrainConfig(steps=6, batch_size=4, seq_len=16, mesh={"data": 1, "fsdp": 1, "tensor": 1},
+                       optim=OptimConfig(warmup_frac=0.0, learning_rate=3e-3, value_update=update, **optim),
+                       model=ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, memory_placement="0:1",
+                                         memory=MemoryConfig(num_keys=num_keys, key_dim=8, value_dim=16, topk=4)))
+
+
+def _setup(cfg):
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    rules = logical_rules(cfg.logical_axis_rules, mesh)
+    layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
+    md, ms, od, os_ = training.build(cfg, mesh, rules, layout)
+    usage, bs = training.new_usage(cfg, mesh), batch_sharding(mesh, rules)
+    return md, ms, od, os_, usage, bs
+
+
+@pytest.mark.parametrize("clip", [dict(grad_clip=0.05), pytest.param(dict(grad_clip=0.05, value_grad_clip=2e-3),
+                                                                      marks=pytest.mark.slow)])
+def test_sparse_train_step_equals_dense_and_resumes_bitwise(tmp_path, rng, clip):
+    """Six steps, dense against sparse (joint or separate clipping, both active): same losses and gradient norms,
+    same table after the flush.  The sparse run saves a flushed checkpoint at step 3; restoring it and running
+    steps 4–6 again gives bitwise the same metrics and state."""
+    tokens = rng.integers(0, 64, (6, 4, 17)).astype(np.int32)
+    seed = int(rng.integers(1 << 20))
+
+    def run(update, save_dir=None):
+        cfg = dataclasses.replace(_cfg(update, **clip), seed=seed)
+        md, ms, od, os_, usage, bs = _setup(cfg)
+        step = training.make_train_step(md, od, ms, os_, usage, bs)
+        flush = training.make_flush(md, od, ms, os_)
+        metrics, saved = [], None
+        for i, t in enumerate(tokens):
+            ms, os_, usage, m = step(ms, os_, usage, jax.device_put(t, bs))
+            metrics.append(jax.device_get(m))
+            if i == 2:  # as train.py does before a save
+                ms, os_ = flush(ms, os_)
+                saved = (jax.device_get(ms), jax.device_get(os_))
+        return metrics, flush(ms, os_), (step, flush, ms, os_, usage, bs), saved
+
+    dense, (dense_ms, _), _, _ = run("dense")
+    sparse, (sparse_ms, sparse_os), (step, flush, ms0, os0, usage, bs), saved = run("sparse")
+    assert float(dense[-1]["grad_norm"]) > clip["grad_clip"]
+    assert "value_grad_clip" not in clip or float(dense[-1]["grad_norm_values"]) > clip["value_grad_clip"]
+    for key in ("loss", "grad_norm", "grad_norm_values", "grad_norm_other"):
+        np.testing.assert_allclose([m[key] for m in sparse], [m[key] for m in dense], rtol=2e-5, err_msg=key)
+    # atol: rows whose clipped gradients are small (√v̂ ~ 1e-4) see the skipped steps' ε·√(β₂^d/ĉ2) (row_adam)
+    np.testing.assert_allclose(np.asarray(sparse_ms["memories"][0]["values"][...]),
+                               np.asarray(dense_ms["memories"][0]["values"][...]), rtol=1e-5, atol=1e-5)
+
+    # checkpoint of the flushed step-3 state, restored into fresh targets, then steps 4–6 again
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    it = iter(data.train_dataset(data.ArrayStream(rng.integers(0, 64, 2000).astype(np.int32)), 16, 4, seed=0,
+                                 num_threads=1, prefetch=1))
+    ckpt.save(3, jax.device_put(saved[0]), jax.device_put(saved[1]), it, {"step": 3})
+    ckpt.wait()
+    _, ms_t, _, os_t, _, _ = _setup(dataclasses.replace(_cfg("sparse", **clip), seed=seed))
+    _, ms, os_, _ = ckpt.restore_latest(abstract_like(ms_t), abstract_like(os_t), it)
+    for i, t in enumerate(tokens[3:], start=3):
+        ms, os_, usage, m = step(ms, os_, usage, jax.device_put(t, bs))
+        for key in m:
+            np.testing.assert_array_equal(np.asarray(m[key]), np.asarray(sparse[i][key]), err_msg=f"{key} {i}")
+    ms, os_ = flush(ms, os_)
+    for a, b in zip(jax.tree.leaves((ms, os_)), jax.tree.leaves((sparse_ms, sparse_os))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _table_shaped(hlo_text: str, shape: str) -> list[tuple[str, str]]:
+    """(opcode, line) of every instruction outside fused computations whose result has ``shape``."""
+    out, in_fusion = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("%") or line.startswith("ENTRY") or line.startswith("}"):
+            in_fusion = line.startswith("%") and ("fused" in line.split("(")[0] or "wrapped" in line.split("(")[0])
+            continue
+        hit = re.match(r"\s*(?:ROOT )?%\S+ = " + re.escape(shape) + r"\{[^}]*\} ([\w-]+)\(", line)
+        if hit and not in_fusion:
+            out.append((hit.group(1), line))
+    return out
+
+
+@pytest.mark.parametrize("update", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
+def test_compiled_step_has_no_table_sized_temporary(rng, update):
+    """Sparse: every N x D_v value of the compiled train step is the table or a moment (parameters) or an in-place
+    scatter into one, and XLA's temporaries are smaller than one table.  Dense (the check's control) has both."""
+    cfg = _cfg(update, num_keys=128)  # N = 16384 rows: the table outweighs every activation of this model
+    md, ms, od, os_, usage, bs = _setup(cfg)
+    step = training.make_train_step(md, od, ms, os_, usage, bs)
+    tokens = jax.device_put(rng.integers(0, 64, (4, 17)).astype(np.int32), bs)
+    compiled = step.lower(ms, os_, usage, tokens).compile()
+    table_bytes = 128 * 128 * 16 * 4
+    ops = _table_shaped(compiled.as_text(), "f32[16384,16]")
+    strays = [line for op, line in ops if op not in ("parameter", "scatter")
+              and not (op == "fusion" and "scatter" in line.split("calls=")[-1].split(",")[0])]
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    if update == "sparse":
+        assert not strays, strays[:3]
+        assert temp < table_bytes, temp
+    else:
+        assert strays and temp >= table_bytes

@@ -4,6 +4,9 @@
                                            # on 2 CPU cores; about 9 GB of RAM at 2^22)
     python benchmarks/scaling.py --full    # the same model with 4× the tokens per step (64 × 256); meant for a
                                            # GPU/TPU (minutes on one H100)
+    python benchmarks/scaling.py --value-update sparse   # the train step with row-sparse value updates
+                                           # (optim.value_update; writes scaling-sparse.md; the value update
+                                           # alone: benchmarks/value_update.py)
 
 The memory size is set by ``num_keys`` n (n² physical rows, each of D_v = 64 floats, in each of tiny-x12's two
 memory layers); the backbone, m = 16 winners per head and the batch stay fixed.  Per size it times (median
@@ -44,9 +47,9 @@ PRESET = "tiny-x12"
 DECODE_BATCH = 64
 
 
-def measure(num_keys, batch, seq, repeats, rng):
+def measure(num_keys, batch, seq, repeats, rng, value_update="dense"):
     cfg = load_config([f"model_name={PRESET}", f"model.memory.num_keys={num_keys}", f"batch_size={batch}",
-                       f"seq_len={seq}", "steps=1000"])
+                       f"seq_len={seq}", "steps=1000", f"optim.value_update={value_update}"])
     mesh = make_mesh(cfg.mesh)
     rules = logical_rules(cfg.logical_axis_rules, mesh)
     layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
@@ -98,6 +101,8 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="4x the tokens per step; meant for an accelerator")
     p.add_argument("--repeats", type=int, default=0, help="timed calls per point (median); default 5 (GPU 10)")
     p.add_argument("--max-log2-rows", type=int, default=22, help="stop at 2^this physical rows (14…22)")
+    p.add_argument("--value-update", choices=("dense", "sparse", "lazy"), default="dense",
+                   help="optim.value_update of the train step (fwd+bwd alone stays the dense-gradient one)")
     args = p.parse_args(argv)
     if not 14 <= args.max_log2_rows <= 22:
         common.fail("--max-log2-rows must be in 14…22")
@@ -109,15 +114,20 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     rows = []
     for n in [k for k in NUM_KEYS if k * k <= 1 << args.max_log2_rows]:
-        r = measure(n, batch, seq, repeats, rng)
+        r = measure(n, batch, seq, repeats, rng, args.value_update)
         rows.append(r)
         print(f"2^{int(np.log2(r['rows']))} rows: step {r['step_ms']:.1f} ms | fwd+bwd {r['grad_ms']:.1f} ms | "
               f"search {r['search_ms']:.1f} ms | decode {r['decode_ms']:.2f} ms | {r['total'] / 1e6:.1f}M params",
               flush=True)
     first, last = rows[0], rows[-1]
+    flag = " --full" if args.full else ""
     suffix = "-full" if args.full else ""
+    if args.value_update != "dense":
+        flag += f" --value-update {args.value_update}"
+        suffix += f"-{args.value_update}"
     notes = [f"Device: {common.device_line()}. Mode: {'full' if args.full else 'quick'} "
-             f"(`python benchmarks/scaling.py{' --full' if args.full else ''}`). Model {PRESET} (2 memory layers, "
+             f"(`python benchmarks/scaling.py{flag}`), optim.value_update: {args.value_update} (the fwd+bwd column "
+             f"is always the dense-gradient one). Model {PRESET} (2 memory layers, "
              f"D_v = 64, m = 16 per head, 2 heads), batch {batch} × {seq} tokens per train step; decode = "
              f"{DECODE_BATCH} × 1 tokens. Median of {repeats} timed calls after a warm-up.", "",
              f"Headline: from 2^{int(np.log2(first['rows']))} to 2^{int(np.log2(last['rows']))} rows "

@@ -222,13 +222,13 @@ def _table_shaped(hlo_text: str, shape: str) -> list[tuple[str, str]]:
 def test_compiled_step_has_no_table_sized_temporary(rng, update):
     """Sparse: every N x D_v value of the compiled train step is the table or a moment (parameters) or an in-place
     scatter into one, and XLA's temporaries are smaller than one table.  Dense (the check's control) has both."""
-    cfg = _cfg(update, num_keys=128)  # N = 16384 rows: the table outweighs every activation of this model
+    cfg = _cfg(update, num_keys=256)  # N = 65536 rows: the table outweighs every activation of this model
     md, ms, od, os_, usage, bs = _setup(cfg)
     step = training.make_train_step(md, od, ms, os_, usage, bs)
     tokens = jax.device_put(rng.integers(0, 64, (4, 17)).astype(np.int32), bs)
     compiled = step.lower(ms, os_, usage, tokens).compile()
-    table_bytes = 128 * 128 * 16 * 4
-    ops = _table_shaped(compiled.as_text(), "f32[16384,16]")
+    table_bytes = 256 * 256 * 16 * 4
+    ops = _table_shaped(compiled.as_text(), "f32[65536,16]")
     strays = [line for op, line in ops if op not in ("parameter", "scatter")
               and not (op == "fusion" and "scatter" in line.split("calls=")[-1].split(",")[0])]
     temp = compiled.memory_analysis().temp_size_in_bytes

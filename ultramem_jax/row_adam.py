@@ -10,15 +10,21 @@ the donated buffers).  ``last[r]`` counts the optimizer steps row r has been bro
 would have applied, with ρ = β₁/√β₂ and the step-j constants lr_j, ĉ1_j = 1 − β₁^(j+1), ĉ2_j = 1 − β₂^(j+1):
 
     m ← β₁^k m,   v ← β₂^k v                                                (k = t − s)
-    p ← A p − B · m / (√v + ε),   A = Π_j (1 − lr_j·wd),
-                                 B = Σ_{d=1..k} lr_j ρ^d √ĉ2_j / ĉ1_j · Π_{i>j} (1 − lr_i·wd),  j = s + d − 1
+    p ← A p − Σ_{d=1..k} α_d m / (β_d √v + ε),   A = Π_j (1 − lr_j·wd),   j = s + d − 1,
+         α_d = lr_j β₁^d / ĉ1_j · Π_{i>j} (1 − lr_i·wd),   β_d = √(β₂^d / ĉ2_j)
 
 ``update`` applies this catch-up to a row when it is next touched, before the step's own AdamW update, and
 ``flush`` to every row (checkpoints and evaluation then see the dense optimizer's table).  A and the weight
-decay products come from a float64 table of Σ log(1 − lr_j·wd) over the run's schedule; B's sum stops after
-``horizon(b1, b2)`` terms (ρ^d < 1e-9 beyond).  The one difference from dense AdamW: in the skipped steps ε
-enters as ε·√(β₂^d / ĉ2_j) instead of ε (the factorised form needs it), which changes nothing while √v̂ ≫ ε
-and keeps a row whose √v̂ is near ε from moving more than dense AdamW would move it.
+decay products come from a float64 table of Σ log(1 − lr_j·wd) over the run's schedule.  The momentum sum is
+elementwise only through √v, so it is taken in a factorised form that needs two scalars per row, not a loop
+over the skipped steps per element:
+
+    Σ_d α_d / (β_d x + ε)  ≈  B₁ / (x + ε·B₂/B₁),   B₁ = Σ_d α_d / β_d,   B₂ = Σ_d α_d / β_d²   (x = √v)
+
+exact without ε, and exact to first order in ε/(β_d x) (Padé in ε): the only departure from dense AdamW, of
+relative size (ε/√v̂)² per skipped step while √v̂ ≫ ε, and bounded for rows whose √v̂ is near ε (by convexity
+never larger than dense AdamW's step).  The sums stop after ``horizon(b1, b2)`` terms (ρ^d < 1e-9 beyond,
+ρ = β₁/√β₂); ``tests/test_sparse_update.py`` measures the agreement.
 
 ``lazy``: plain lazy AdamW (PKM's SparseAdam with decoupled weight decay): untouched rows and their moments
 stay as they are; a touched row takes one AdamW step with its stale moments and the global bias correction.
@@ -91,18 +97,21 @@ def _catch_up(h: Hyper, p, m, v, last, step):
     lr_at = lambda j: lr_tab[jnp.minimum(j, n_tab - 1)]  # noqa: E731
     end = decay_at(step)
 
-    def term(d, acc):
+    def terms(d, acc):
         j = last + d - 1  # the skipped step, 0-based
         c1 = 1 - b1 ** (j + 1).astype(jnp.float32)
         c2 = 1 - b2 ** (j + 1).astype(jnp.float32)
-        w = lr_at(j) * rho ** d.astype(jnp.float32) * jnp.sqrt(c2) / c1 * jnp.exp(end - decay_at(j + 1))
-        return acc + jnp.where(d <= k, w, 0.0)
+        df = d.astype(jnp.float32)
+        w = jnp.where(d <= k, lr_at(j) * jnp.exp(end - decay_at(j + 1)) / c1, 0.0)
+        return acc[0] + w * rho ** df * jnp.sqrt(c2), acc[1] + w * (b1 / b2) ** df * c2
 
     n_terms = jnp.minimum(jnp.max(k, initial=0), h.horizon)
-    coef_b = jax.lax.fori_loop(1, n_terms + 1, lambda d, acc: term(d, acc), jnp.zeros(k.shape, jnp.float32))
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    coef_b1, coef_b2 = jax.lax.fori_loop(1, n_terms + 1, terms, (zeros, zeros))
     coef_a = jnp.exp(end - decay_at(last))
     kf = k.astype(jnp.float32)[:, None]
-    p = coef_a[:, None] * p - coef_b[:, None] * (m / (jnp.sqrt(v) + h.eps))
+    eps = h.eps * jnp.where(coef_b1 > 0, coef_b2 / jnp.where(coef_b1 > 0, coef_b1, 1.0), 1.0)[:, None]
+    p = coef_a[:, None] * p - coef_b1[:, None] * (m / (jnp.sqrt(v) + eps))
     return p, m * b1 ** kf, v * b2 ** kf
 
 

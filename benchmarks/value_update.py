@@ -36,12 +36,13 @@ from ultramem_jax.optim import OptimConfig, make_optimizer, value_row_hyper  # n
 D_V, READS, STEP, TOTAL = 64, 16 * 128 * 2 * 16, 1000, 10_000
 
 
-def median_ms(fn, state, repeats):
-    """``fn`` donates and returns its state: thread it through; the first call compiles."""
+def median_ms(fn, state, inputs, repeats):
+    """``fn(*state, *inputs)`` donates and returns its state: thread it through; the first call compiles.  The
+    ids and gradients go in as arguments (as constants XLA would fold the dense gradient away)."""
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
-        state = fn(*state)
+        state = fn(*state, *inputs)
         jax.block_until_ready(state)
         if i:
             times.append(time.perf_counter() - t)
@@ -59,16 +60,16 @@ def measure(log2_rows, repeats, rng):
     tx = make_optimizer(cfg, TOTAL)
     params = {"values": table + 0}  # donated: the sparse runs below start from the same table
 
-    def dense(params, opt_state):
+    def dense(params, opt_state, ids, grads):
         g = jnp.zeros_like(params["values"]).at[ids].add(grads)
         updates, opt_state = tx.update({"values": g}, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-    out["dense"] = median_ms(jax.jit(dense, donate_argnums=(0, 1)), (params, tx.init(params)), repeats)
+    out["dense"] = median_ms(jax.jit(dense, donate_argnums=(0, 1)), (params, tx.init(params)), (ids, grads), repeats)
 
     for mode in ("sparse", "lazy"):
         hyper = value_row_hyper(OptimConfig(value_update=mode), TOTAL)
 
-        def sparse(values, m, v, last, hyper=hyper):
+        def sparse(values, m, v, last, ids, grads, hyper=hyper):
             state = row_adam.RowAdamState(values)
             state.m[...], state.v[...], state.last[...] = m, v, last
             uniq, summed = row_adam.sum_duplicates(ids, grads, n)
@@ -78,14 +79,14 @@ def measure(log2_rows, repeats, rng):
         last = jnp.asarray(rng.integers(STEP - 300, STEP, n), jnp.int32)
         moments = (jnp.abs(table) * 1e-3, jnp.square(table) * 1e-4)
         fresh = lambda: (table + 0, moments[0] + 0, moments[1] + 0, last + 0)  # noqa: E731 (each run donates its own)
-        out[mode] = median_ms(jax.jit(sparse, donate_argnums=(0, 1, 2, 3)), fresh(), repeats)
+        out[mode] = median_ms(jax.jit(sparse, donate_argnums=(0, 1, 2, 3)), fresh(), (ids, grads), repeats)
         if mode == "sparse":
             def flush(values, m, v, last, hyper=hyper):
                 state = row_adam.RowAdamState(values)
                 state.m[...], state.v[...], state.last[...] = m, v, last
                 values = row_adam.flush(hyper, values, state, jnp.int32(STEP))
                 return values, state.m[...], state.v[...], last
-            out["flush"] = median_ms(jax.jit(flush, donate_argnums=(0, 1, 2, 3)), fresh(), max(1, repeats // 2))
+            out["flush"] = median_ms(jax.jit(flush, donate_argnums=(0, 1, 2, 3)), fresh(), (), max(1, repeats // 2))
     return out
 
 

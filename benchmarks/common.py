@@ -47,16 +47,14 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     """
     import hashlib
 
-    from ultramem_jax.train_config import load_config
-    resolved = load_config(list(overrides)).to_dict()
-    resolved.pop("output_dir")
+    resolved = _resolve(overrides)
     if name is None:  # named by what it trains: identical configs share one run
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
         name = f"{resolved['model_name']}-{digest}"
     out = os.path.join(out_root, name)
     done_file = os.path.join(out, "benchmark_run.json")
     if reuse:
-        found = find_run(out_root, resolved, load_config)
+        found = _find_run(out_root, resolved)
         if found:
             return found
     if os.path.exists(out):
@@ -74,10 +72,25 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     return run
 
 
-def find_run(out_root: str, resolved: dict, load_config):
+def cached_run(overrides: list[str], out_root: str) -> dict | None:
+    """The finished run under ``out_root`` that ``train_run(None, overrides, out_root, reuse=True)`` would read
+    back, or None: tabulate without training."""
+    return _find_run(out_root, _resolve(overrides))
+
+
+def _resolve(overrides: list[str]) -> dict:
+    from ultramem_jax.train_config import load_config
+    resolved = load_config(list(overrides)).to_dict()
+    resolved.pop("output_dir")
+    return resolved
+
+
+def _find_run(out_root: str, resolved: dict):
     """A finished run under ``out_root`` whose config equals ``resolved``. Keys added to the code after a run
     was made count at the preset's value (a new knob's default is the behaviour it replaced)."""
     import glob
+
+    from ultramem_jax.train_config import load_config
     preset = load_config([f"model_name={resolved['model_name']}"]).to_dict()
     preset.pop("output_dir")
     want = _meaningful(json.loads(json.dumps(resolved)))

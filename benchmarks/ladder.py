@@ -68,10 +68,7 @@ RUNGS = [
 def run_rung(preset, overrides, seed, shared, out_root, cached_only=False):
     args = [f"model_name={preset}", *shared, f"seed={seed}", *overrides]
     if cached_only:
-        from ultramem_jax.train_config import load_config
-        resolved = load_config(args).to_dict()
-        resolved.pop("output_dir")
-        return common.find_run(out_root, resolved, load_config)
+        return common.cached_run(args, out_root)
     return common.train_run(None, args, out_root, reuse=True)
 
 

@@ -40,7 +40,11 @@ class MemoryConfig:
     share_query: bool = True  # all heads use one query (UltraMem) or one each (PKM)
     qk_norm: bool = True  # RMSNorm on sub-queries and keys
     norm_eps: float = 1e-5  # epsilon of the query and key RMSNorms (released code: 1e-5)
-    query_batchnorm: bool = False  # PKM's optional BatchNorm on the query
+    # BatchNorm on the query (PKM's option, for slot usage): none | past: normalise with the running statistics of
+    # earlier steps only, then fold this batch in (no token sees another's query, so nothing leaks from the
+    # future; eval and generation use the same statistics) | batch: PKM's, this batch's statistics (every
+    # position sees the whole batch, future tokens included: kept to compare with, not for language models)
+    query_batchnorm: Literal["none", "past", "batch"] = "none"
     # softmax: our default (docs/results.md §1); the paper and its released code use identity
     score_activation: Literal["identity", "softmax", "relu"] = "softmax"
     output_proj: bool = True  # project the E pooled D_v vectors to d_model

@@ -59,8 +59,10 @@ class UltraMemLayer(nnx.Module):
         self.query_heads = 1 if cfg.share_query else H
         self.query = _param(None, rngs, (d_model, self.query_heads * 2 * Dk), (sh.EMBED, sh.MEM_QUERY),
                             std=Dk ** -0.5)
-        self.query_bn = (nnx.BatchNorm(self.query_heads * 2 * Dk, use_running_average=False, rngs=rngs)
-                         if cfg.query_batchnorm else None)
+        past = cfg.query_batchnorm == "past"  # its statistics follow the last ~10 steps, not ~100
+        self.query_bn = (nnx.BatchNorm(self.query_heads * 2 * Dk, use_running_average=past,
+                                       momentum=0.9 if past else 0.99, rngs=rngs)
+                         if cfg.query_batchnorm != "none" else None)
         # keys[h, side, i, :, a]: the a-th rank vector of key i on side (0 = row, 1 = column) of head h
         self.keys = _param(None, rngs, (H, 2, n_side, Dk, r), (sh.MEM_HEADS, None, sh.MEM_KEYS, None, None),
                            std=Dk ** -0.5)
@@ -105,7 +107,7 @@ class UltraMemLayer(nnx.Module):
         T = x_TxD.shape[0]
         q = x_TxD @ self.query[...].astype(x_TxD.dtype)
         if self.query_bn is not None:
-            q = self.query_bn(q)
+            q = self._query_batchnorm(q)
         q_TxQx2xD = q.reshape(T, self.query_heads, 2, cfg.key_dim)
         keys = self.keys[...].astype(x_TxD.dtype)
         if cfg.qk_norm:
@@ -122,6 +124,21 @@ class UltraMemLayer(nnx.Module):
         if not with_balance:
             return scores, slots
         return scores, slots, self._balance_loss(q_TxHx2xD, keys, slots)
+
+    def _query_batchnorm(self, q_TxF):
+        """PKM's query BatchNorm. ``past``: normalised with the statistics of earlier steps (the BatchNorm runs on
+        its running averages), then this batch's statistics are folded into them for the next step, outside the
+        gradient. A train step keeps the update; evaluation and generation discard it."""
+        bn = self.query_bn
+        if self.cfg.query_batchnorm == "batch":
+            return bn(q_TxF)
+        out = bn(q_TxF)
+        q32 = jax.lax.stop_gradient(q_TxF.astype(jnp.float32))
+        mean = q32.mean(axis=0)
+        var = jnp.mean(jnp.square(q32 - mean), axis=0)
+        bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean
+        bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * var
+        return out
 
     def _balance_loss(self, q_TxHx2xD, keys_Hx2xNxDxR, slots_TxHxM):
         """UltraMemV2's balance loss on the row and column pre-selection (its Eq. 19), per side and head:

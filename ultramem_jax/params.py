@@ -15,7 +15,7 @@ def memory_layer_params(cfg: ModelConfig) -> dict[str, int]:
     q_heads = 1 if mem.share_query else mem.heads
     q_feat = q_heads * 2 * mem.key_dim
     counts = {
-        "query": D * q_feat + (2 * q_feat if mem.query_batchnorm else 0),
+        "query": D * q_feat + (2 * q_feat if mem.query_batchnorm != "none" else 0),
         "norms": 2 * mem.key_dim if mem.qk_norm else 0,
         "keys": mem.heads * 2 * mem.keys_per_side * mem.key_dim * mem.rank,
         "cores": mem.cores * mem.heads * mem.rank * mem.rank if mem.retrieval == "tdqkr" else 0,

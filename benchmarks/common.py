@@ -62,7 +62,10 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
         shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # Benchmark runs compile the same few programs over and over: share XLA's compilation cache between them.
+    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, "runs", ".xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1", **os.environ}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.time() - t0
     if proc.returncode:
         fail(f"run {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")

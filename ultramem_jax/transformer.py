@@ -15,6 +15,7 @@ from flax import nnx
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import ModelConfig
 from ultramem_jax.memory import memory_layer
+from ultramem_jax.memory_v2 import SharedValueTable, UltraMemV2Layer
 from ultramem_jax.moe import MoE
 
 
@@ -147,8 +148,16 @@ class TransformerLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, (sh.EMBED, sh.VOCAB))
         self.placement = cfg.placement
-        self.memories = nnx.List([memory_layer(cfg.memory, cfg.d_model, cfg.num_layers, rngs=rngs)
-                                  for _ in self.placement])
+        mem = cfg.resolved_memory
+        if mem is not None and mem.is_v2:  # one P/V table for all layers, each reading its window of it
+            self.memory_table = SharedValueTable(mem, cfg.d_model, cfg.resolved_mlp_dim, cfg.num_layers, rngs=rngs)
+            self.memories = nnx.List([UltraMemV2Layer(mem, cfg.d_model, cfg.num_layers, layer_index=k,
+                                                      mlp_dim=cfg.resolved_mlp_dim, rngs=rngs)
+                                      for k in range(len(self.placement))])
+        else:
+            self.memory_table = None
+            self.memories = nnx.List([memory_layer(cfg.memory, cfg.d_model, cfg.num_layers, rngs=rngs)
+                                      for _ in self.placement])
 
     def __call__(self, tokens_BxS: jax.Array, *, return_hidden: bool = False, positions_BxS: jax.Array | None = None):
         """Returns (logits B×S×V in float32, aux).
@@ -172,7 +181,8 @@ class TransformerLM(nnx.Module):
             if routing is not None:
                 moe_info.append(routing)
             if i in read_at:  # the memory runs off the critical path until its output is due
-                pending, info = self.memories[read_at[i]](ffn_in)
+                memory = self.memories[read_at[i]]
+                pending, info = memory(ffn_in) if self.memory_table is None else memory(ffn_in, self.memory_table)
                 mem_info.append(info)
             if i in add_after:  # health: how loud the memory is next to the stream it joins
                 mem_info[add_after[i]].update(out_rms=_rms(pending), resid_rms=_rms(x))

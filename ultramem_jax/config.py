@@ -118,6 +118,7 @@ class MemoryConfig:
             v = getattr(c, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 _fail(f(name), f"must be a positive integer, got {v!r}")
+        self._validate_v2(c, f)  # before the sizes that V2's window (share_ratio, table_layers) decides
         if math.isqrt(c.expansion) ** 2 != c.expansion:
             _fail(f("expansion"), f"must be a perfect square (4, 9, 16, ...) so the key grid is square, got {c.expansion}")
         if c.m_pre > c.keys_per_side:
@@ -147,7 +148,6 @@ class MemoryConfig:
             _fail(f("kernels"), f"must be one of ['xla', 'pallas', 'auto'], got {c.kernels!r}")
         if c.preselect is not None and c.preselect < 1:
             _fail(f("preselect"), f"must be a positive integer, got {c.preselect}")
-        self._validate_v2(c, f)
 
     @staticmethod
     def _validate_v2(c: "MemoryConfig", f) -> None:

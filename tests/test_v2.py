@@ -278,3 +278,16 @@ def test_model_shares_one_table_and_trains_it(rng):
         expected[np.asarray(table_share.physical_rows(info["rows"], table_share.window_offset(mem, k),
                                                       mem.table_rows)).ravel()] = True
     np.testing.assert_array_equal(touched, expected)
+
+
+def test_pre_value_and_value_tables_form_the_optimizer_value_group():
+    from ultramem_jax.optim import param_labels
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
+                      memory=MemoryConfig.ultramemv2(num_keys=4, key_dim=8, value_dim=16, topk=4),
+                      memory_placement="all")
+    state = nnx.state(nnx.eval_shape(lambda: create_model(cfg)), nnx.Param)
+    labels = {tuple(str(getattr(k, "key", k)) for k in path): lab
+              for path, lab in jax.tree_util.tree_leaves_with_path(param_labels(state))}
+    grouped = sorted(p for p, lab in labels.items() if lab == "values")
+    assert len(grouped) == 2 and {p[:2] for p in grouped} == {("memory_table", "values"),
+                                                                ("memory_table", "pre_values")}, grouped

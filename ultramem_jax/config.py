@@ -25,10 +25,12 @@ class MemoryConfig:
     The knobs that the paper and the released code disagree on are choices here (method notes, section F).
     ``kind: ultramemv2`` is UltraMemV2 (memory_v2.py; ``MemoryConfig.ultramemv2()`` has its defaults): the
     fields below marked V2 apply to it only, and ``num_keys`` is then n₀, the keys per side of one *layer's
-    share* of the value table shared by all memory layers (Table 10's "knum").
+    share* of the value table shared by all memory layers (Table 10's "knum").  ``kind: memplus`` is Meta's
+    Memory+ (memory_plus.py; ``MemoryConfig.memplus()``): product keys over one value pool of num_keys² rows
+    that every memory layer reads, swilu gating, in place of the FFN of the blocks it sits in.
     """
 
-    kind: Literal["ultramem", "pkm", "ultramemv2"] = "ultramem"
+    kind: Literal["ultramem", "pkm", "ultramemv2", "memplus"] = "ultramem"
     num_keys: int = 64  # n: physical keys per side, N = n² value rows (V2: n₀, see share_ratio)
     key_dim: int | None = None  # D_k per side; None: d_model // 4
     value_dim: int | None = None  # D_v; None: d_model // 2 (UltraMem) or d_model (PKM)
@@ -107,7 +109,7 @@ class MemoryConfig:
         if self.value_dim is not None:
             value_dim = self.value_dim
         else:
-            value_dim = d_model if self.kind == "pkm" else max(1, d_model // 2)
+            value_dim = d_model if self.kind in ("pkm", "memplus") else max(1, d_model // 2)
         pre_value_dim = self.pre_value_dim if self.pre_value_dim is not None or not self.is_v2 else value_dim
         return dataclasses.replace(self, key_dim=key_dim, value_dim=value_dim, pre_value_dim=pre_value_dim)
 
@@ -134,8 +136,8 @@ class MemoryConfig:
             _fail(f("aux_loss"), "the Tucker penalty acts on singular values 2..r and needs rank >= 2")
         if not c.output_proj and (c.expansion != 1 or c.value_dim != d_model):
             _fail(f("output_proj"), "can be off only with expansion=1 and value_dim == d_model")
-        if c.kind == "pkm" and (c.retrieval != "product_key" or c.expansion != 1):
-            _fail(f("kind"), "pkm means product_key retrieval without value expansion (expansion=1)")
+        if c.kind in ("pkm", "memplus") and (c.retrieval != "product_key" or c.expansion != 1):
+            _fail(f("kind"), f"{c.kind} means product_key retrieval without value expansion (expansion=1)")
         if not c.norm_eps > 0:
             _fail(f("norm_eps"), f"must be > 0, got {c.norm_eps}")
         if c.out_proj_std is not None and c.out_proj_std < 0:
@@ -177,6 +179,16 @@ class MemoryConfig:
         """The original product-key memory (Lample et al. 2019): additive scores, softmax, one query per head."""
         base = dict(kind="pkm", heads=4, retrieval="product_key", rank=1, cores=1, expansion=1, shuffle=False,
                     share_query=False, qk_norm=False, score_activation="softmax", output_proj=False,
+                    value_init="pkm", aux_loss=False)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def memplus(cls, **overrides) -> "MemoryConfig":
+        """Memory+ (Meta, Memory Layers at Scale; anchors-2026.md §2.1): product keys, one query per head,
+        softmax over each head's winners, values of width d_model in one pool shared by all memory layers,
+        out = W_v(bag ⊙ silu(W_g x)); no q/k norm (Meta's public code; ``qk_norm: true`` is the option)."""
+        base = dict(kind="memplus", heads=4, topk=32, retrieval="product_key", rank=1, cores=1, expansion=1,
+                    shuffle=False, share_query=False, qk_norm=False, score_activation="softmax", out_proj_std=None,
                     value_init="pkm", aux_loss=False)
         return cls(**{**base, **overrides})
 
@@ -273,6 +285,11 @@ class ModelConfig:
             if not placement:
                 _fail("memory_placement", "a memory config is given but no memory layer is placed (e.g. '1:2')")
             self.resolved_memory.validate(self.d_model)
+            if self.memory.kind == "memplus" and any(read != add for read, add in placement):
+                _fail("memory_placement", "memplus replaces the FFN of the blocks it sits in: use 'i:i' entries "
+                      "or 'all'")
+            if self.memory.kind == "memplus" and self.moe is not None:
+                _fail("moe", "memplus replaces FFNs; it does not combine with the MoE baseline")
         if self.moe is not None:
             self.moe.validate()
 

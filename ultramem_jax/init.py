@@ -63,6 +63,8 @@ def v2_linear_stds(cfg: MemoryConfig, d_model: int) -> dict[str, float]:
 
 def norm_weights(cfg: MemoryConfig) -> tuple[float, float]:
     """(query-norm weight, key-norm weight) initial constants."""
+    if cfg.kind == "memplus":  # the ByteDance Memory+ re-implementation's q/k RMSNorm weight
+        return 1.0, 1.0
     if cfg.norm_init == "code":
         w = cfg.key_dim ** (-0.4 if cfg.is_v2 else -0.33)  # the V1 and V2 releases differ
         return w, w

@@ -30,20 +30,24 @@ from flax import nnx
 from ultramem_jax import ive, kernels, lookup, table_share
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import MemoryConfig
-from ultramem_jax.init import v2_linear_stds, v2_table_std
+from ultramem_jax.init import v2_linear_stds, v2_table_std, value_std
 from ultramem_jax.memory import MemoryBuffer, UltraMemLayer, _param
 
 
 class SharedValueTable(nnx.Module):
-    """The pre-value table P (rows × D_p) and value table V (rows × D_v) that every V2 layer reads a window of.
+    """The pre-value table P (rows × D_p) and value table V (rows × D_v) that every V2 layer reads a window of;
+    for Memory+ (memory_plus.py) the value pool V alone, read whole by every layer.
 
     ``cfg`` must be resolved by the model (``ModelConfig.resolved_memory``: ``table_layers`` filled in).
     """
 
     def __init__(self, cfg: MemoryConfig, d_model: int, mlp_dim: int, num_layers: int, *, rngs: nnx.Rngs):
         cfg = cfg.resolved(d_model)
-        std = v2_table_std(cfg, d_model, mlp_dim, num_layers)
         names = (sh.VALUE_ROWS, sh.VALUE_DIM)
+        if not cfg.is_v2:
+            self.values = _param(None, rngs, (cfg.table_rows, cfg.value_dim), names, std=value_std(cfg, num_layers))
+            return
+        std = v2_table_std(cfg, d_model, mlp_dim, num_layers)
         self.pre_values = _param(None, rngs, (cfg.table_rows, cfg.pre_value_dim), names, std=std)
         self.values = _param(None, rngs, (cfg.table_rows, cfg.value_dim), names, std=std)
 

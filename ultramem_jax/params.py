@@ -29,6 +29,9 @@ def memory_layer_params(cfg: ModelConfig) -> dict[str, int]:
     if mem.is_v2:
         counts.update(pre_proj=D * mem.pre_value_dim, out_proj=mem.value_dim * D, values=0)
         row_width = mem.value_dim + mem.pre_value_dim
+    elif mem.kind == "memplus":  # swilu gate and value projection; the pool is shared
+        counts.update(swilu_proj=D * mem.value_dim, out_proj=mem.value_dim * D, values=0)
+        row_width = mem.value_dim
     else:
         counts.update(values=mem.num_values * mem.value_dim,
                       out_proj=mem.expansion * mem.value_dim * D if mem.output_proj else 0)
@@ -38,11 +41,11 @@ def memory_layer_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 def shared_table_params(cfg: ModelConfig) -> int:
-    """UltraMemV2's shared pre-value and value tables (0 for other models)."""
+    """UltraMemV2's shared pre-value and value tables, Memory+'s shared value pool (0 for other models)."""
     mem = cfg.resolved_memory
-    if mem is None or not mem.is_v2:
+    if mem is None or mem.kind not in ("ultramemv2", "memplus"):
         return 0
-    return mem.table_rows * (mem.value_dim + mem.pre_value_dim)
+    return mem.table_rows * (mem.value_dim + (mem.pre_value_dim if mem.is_v2 else 0))
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -66,6 +69,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         layer_total = sum(v for k, v in per_layer.items() if k != "activated")
         total += n_mem * layer_total
         activated += n_mem * per_layer["activated"]
+        if cfg.memory.kind == "memplus":  # each Memory+ layer takes the place of its block's FFN
+            total, activated = total - n_mem * ffn, activated - n_mem * ffn_activated
         memory_values = n_mem * per_layer["values"] + shared_table_params(cfg)
         total += shared_table_params(cfg)
     return {"total": total, "activated_per_token": activated, "dense": dense, "memory_values": memory_values,

@@ -156,6 +156,8 @@ class MemoryConfig:
         if not c.is_v2:
             if c.pre_value_dim is not None:
                 _fail(f("pre_value_dim"), "applies to kind ultramemv2 only")
+            if c.kind == "memplus" and not c.output_proj:
+                _fail(f("output_proj"), "memplus always projects its gated bag back to d_model (W_v)")
             return
         if isinstance(c.pre_value_dim, bool) or not isinstance(c.pre_value_dim, int) or c.pre_value_dim < 1:
             _fail(f("pre_value_dim"), f"must be a positive integer, got {c.pre_value_dim!r}")

@@ -80,7 +80,10 @@ def test_memplus_replaces_the_ffn_and_shares_one_pool(rng):
     assert [b.ffn is None for b in model.blocks] == [False, True, False, True]
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == param_counts(cfg)["total"]
     tokens = jnp.asarray(rng.integers(0, 64, (2, 9)), jnp.int32)
-    grads, aux = nnx.grad(lambda m: (jnp.mean(m(tokens)[0] ** 2), m(tokens)[1]), has_aux=True)(model)
+    def loss(model):
+        logits, aux = model(tokens)
+        return jnp.mean(logits ** 2), aux
+    grads, aux = nnx.grad(loss, has_aux=True)(model)
     touched = np.abs(np.asarray(grads["memory_table"]["values"][...])).sum(-1) > 0
     expected = np.zeros(36, bool)
     for info in aux["memory"]:  # both layers' reads land in the one pool

@@ -20,6 +20,8 @@ def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
            preselect: int, topk: int, additive: bool = False):
     """Returns ``(scores_TxHxMxC, slots_TxHxM)``, best first; slot = row·N + col.
 
+    Queries are T×H×D, or T×H×R×D for one query per Tucker rank (UltraMemV2).
+
     ``additive`` selects PKM scoring (s_row + s_col, rank 1, one core); ``cores``, ``u``, ``t`` are then unused.
     """
     s_row = tdqkr.rank_key_scores(query_row_TxHxD, keys_row_HxNxDxR)
@@ -36,8 +38,9 @@ def rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR
     n = keys_row_HxNxDxR.shape[1]
     rows, cols = slots_TxHxM // n, slots_TxHxM % n
     pick = jax.vmap(lambda keys_NxDxR, ids_TxM: keys_NxDxR[ids_TxM], in_axes=(0, 1), out_axes=1)
-    s_row_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_row_TxHxD, pick(keys_row_HxNxDxR, rows))
-    s_col_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_col_TxHxD, pick(keys_col_HxNxDxR, cols))
+    spec = "thrd,thmdr->thmr" if query_row_TxHxD.ndim == 4 else "thd,thmdr->thmr"  # per-rank queries (V2)
+    s_row_TxHxMxR = jnp.einsum(spec, query_row_TxHxD, pick(keys_row_HxNxDxR, rows))
+    s_col_TxHxMxR = jnp.einsum(spec, query_col_TxHxD, pick(keys_col_HxNxDxR, cols))
     if additive:
         return (s_row_TxHxMxR[..., 0] + s_col_TxHxMxR[..., 0])[..., None]
     return jnp.einsum("thma,chab,thmb->thmc", s_row_TxHxMxR, cores_CxHxRxR, s_col_TxHxMxR)

@@ -47,16 +47,14 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     """
     import hashlib
 
-    from ultramem_jax.train_config import load_config
-    resolved = load_config(list(overrides)).to_dict()
-    resolved.pop("output_dir")
+    resolved = _resolve(overrides)
     if name is None:  # named by what it trains: identical configs share one run
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
         name = f"{resolved['model_name']}-{digest}"
     out = os.path.join(out_root, name)
     done_file = os.path.join(out, "benchmark_run.json")
     if reuse:
-        found = find_run(out_root, resolved, load_config)
+        found = _find_run(out_root, resolved)
         if found:
             return found
     if os.path.exists(out):
@@ -64,7 +62,10 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
         shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # Benchmark runs compile the same few programs over and over: share XLA's compilation cache between them.
+    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, "runs", ".xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1", **os.environ}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.time() - t0
     if proc.returncode:
         fail(f"run {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
@@ -74,10 +75,25 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
     return run
 
 
-def find_run(out_root: str, resolved: dict, load_config):
+def cached_run(overrides: list[str], out_root: str) -> dict | None:
+    """The finished run under ``out_root`` that ``train_run(None, overrides, out_root, reuse=True)`` would read
+    back, or None: tabulate without training."""
+    return _find_run(out_root, _resolve(overrides))
+
+
+def _resolve(overrides: list[str]) -> dict:
+    from ultramem_jax.train_config import load_config
+    resolved = load_config(list(overrides)).to_dict()
+    resolved.pop("output_dir")
+    return resolved
+
+
+def _find_run(out_root: str, resolved: dict):
     """A finished run under ``out_root`` whose config equals ``resolved``. Keys added to the code after a run
     was made count at the preset's value (a new knob's default is the behaviour it replaced)."""
     import glob
+
+    from ultramem_jax.train_config import load_config
     preset = load_config([f"model_name={resolved['model_name']}"]).to_dict()
     preset.pop("output_dir")
     want = _meaningful(json.loads(json.dumps(resolved)))

@@ -60,6 +60,10 @@ RUNGS = [
     ("output scale", "paper + q/k-norm init from the paper", "tiny-x12", PAPER + [M + "norm_init=paper"]),
     ("optimizer", "paper + value beta2 0.999", "tiny-x12", PAPER + [O + "value_b2=0.999"]),
     ("optimizer", "paper + no value weight decay", "tiny-x12", PAPER + [O + "value_weight_decay=0.0"]),
+    ("on defaults", "shipped defaults + query BatchNorm on past statistics", "tiny-x12",
+     [M + "query_batchnorm=past"]),
+    ("on defaults", "shipped defaults + a 4x smaller table (4 x 102^2 rows)", "tiny-x12", [M + "num_keys=102"]),
+    ("on defaults", "shipped defaults + PKM value init N(0, 1/D_v)", "tiny-x12", [M + "value_init=pkm"]),
     ("baseline", "MoE 2 in 24 (total-matched)", "tiny-moe-2in24", []),
     ("baseline", "UltraMem, shipped defaults", "tiny-x12", []),
 ]
@@ -68,10 +72,7 @@ RUNGS = [
 def run_rung(preset, overrides, seed, shared, out_root, cached_only=False):
     args = [f"model_name={preset}", *shared, f"seed={seed}", *overrides]
     if cached_only:
-        from ultramem_jax.train_config import load_config
-        resolved = load_config(args).to_dict()
-        resolved.pop("output_dir")
-        return common.find_run(out_root, resolved, load_config)
+        return common.cached_run(args, out_root)
     return common.train_run(None, args, out_root, reuse=True)
 
 

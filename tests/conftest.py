@@ -10,6 +10,25 @@ if not os.environ.get("ULTRAMEM_TEST_ACCELERATOR"):
 # any other jax process on the machine that loaded libtpu fails every TPU compile test.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+
+def _share_compilations_within_the_session():
+    """One XLA compilation cache for this test session: its workers and every `train.py` subprocess compile the
+    same tiny models again and again, and compiling is most of their time on 2 cores. Made by the first process
+    (the controller under xdist; workers and subprocesses inherit the variable) and removed when that one exits.
+    A cache the user set is left alone."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import atexit
+    import shutil
+    import tempfile
+    cache = tempfile.mkdtemp(prefix="ultramem-test-xla-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+
+
+_share_compilations_within_the_session()
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

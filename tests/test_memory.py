@@ -72,7 +72,7 @@ def test_layer_selection_matches_brute_force_with_rank1_cores(rng):
 
 
 def test_pkm_softmax_batchnorm_and_heads(rng):
-    cfg = MemoryConfig.pkm(num_keys=12, topk=5, heads=3, query_batchnorm=True)
+    cfg = MemoryConfig.pkm(num_keys=12, topk=5, heads=3, query_batchnorm="batch")
     layer = _layer(PKMLayer, cfg)
     assert layer.query[...].shape == (32, 3 * 2 * cfg.resolved(32).key_dim)  # one query per head
     x = jnp.asarray(rng.standard_normal((2, 4, 32)), jnp.float32)
@@ -147,3 +147,46 @@ def test_balance_loss_against_numpy(rng, retrieval):
     # the layer reports it and the model adds it to the auxiliary loss
     _, info = layer(x.reshape(2, 5, 32))
     np.testing.assert_allclose(float(info["balance_loss"]), float(loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["past", "batch"])
+def test_query_batchnorm_past_statistics_leak_nothing(rng, mode):
+    """``past`` normalises each token's query with earlier steps' statistics only (a token's output ignores every
+    other token, future ones included) and then folds this batch in; ``batch`` (PKM's) mixes the whole batch."""
+    layer = _layer(UltraMemLayer, MemoryConfig(num_keys=8, topk=4, query_batchnorm=mode))
+    bn = layer.query_bn
+    F = bn.mean.shape[0]
+    mean0, var0 = rng.standard_normal(F), rng.uniform(0.5, 2.0, F)
+    scale, bias = rng.standard_normal(F), rng.standard_normal(F)
+    bn.scale[...], bn.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+    q = rng.standard_normal((12, F)).astype(np.float32)
+    q_other = q.copy()
+    q_other[6:] = 3.0 * rng.standard_normal((6, F))  # later tokens change
+
+    def normalise(q):
+        bn.mean[...], bn.var[...] = jnp.asarray(mean0, jnp.float32), jnp.asarray(var0, jnp.float32)
+        return np.asarray(layer._query_batchnorm(jnp.asarray(q)))
+
+    out_other = normalise(q_other)
+    out = normalise(q)  # last: the statistics below fold in q
+    if mode == "batch":
+        assert not np.allclose(out[:6], out_other[:6], atol=1e-3)  # earlier tokens saw the later ones
+        return
+    np.testing.assert_allclose(out, (q - mean0) / np.sqrt(var0 + 1e-5) * scale + bias, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out[:6], out_other[:6])
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * mean0 + 0.1 * q.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 * var0 + 0.1 * q.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_query_batchnorm_past_statistics_update_in_a_jitted_train_step(rng):
+    layer = _layer(UltraMemLayer, MemoryConfig(num_keys=8, topk=4, query_batchnorm="past", out_proj_std=None))
+    x = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+    q = np.asarray(x.reshape(10, 32) @ layer.query[...])
+
+    @nnx.jit
+    def step(layer):
+        return nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(layer)
+
+    grads = step(layer)
+    np.testing.assert_allclose(np.asarray(layer.query_bn.mean[...]), 0.1 * q.mean(0), rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(grads.query[...]).max()) > 0

@@ -42,7 +42,7 @@ def test_skip_layer_output_lands_after_block_j(rng):
     (None, ""),
     (MemoryConfig(num_keys=8, topk=4), "0:1/2:3"),
     (MemoryConfig(num_keys=8, topk=4, heads=3, cores=2, expansion=9, rank=3), "all"),
-    (MemoryConfig.pkm(num_keys=8, topk=4, query_batchnorm=True), "1:1"),
+    (MemoryConfig.pkm(num_keys=8, topk=4, query_batchnorm="batch"), "1:1"),
 ])
 def test_tiny_lm_forward_backward_and_learns(rng, memory, placement):
     cfg = ModelConfig(**TINY, memory=memory, memory_placement=placement)

@@ -8,7 +8,10 @@ skip_absent_tpu()
 
 from ultramem_jax.config import MemoryConfig, ModelConfig
 from ultramem_jax.memory import PKMLayer, UltraMemLayer
+from ultramem_jax.memory_plus import MemoryPlusLayer
+from ultramem_jax.memory_v2 import SharedValueTable, UltraMemV2Layer
 from ultramem_jax.transformer import TransformerLM, create_model, lm_loss
 
-__all__ = ["MemoryConfig", "ModelConfig", "PKMLayer", "UltraMemLayer", "TransformerLM", "create_model", "lm_loss"]
+__all__ = ["MemoryConfig", "ModelConfig", "PKMLayer", "UltraMemLayer", "UltraMemV2Layer", "MemoryPlusLayer",
+           "SharedValueTable", "TransformerLM", "create_model", "lm_loss"]
 __version__ = "0.1.0"

@@ -23,10 +23,15 @@ class MemoryConfig:
     """One memory layer (UltraMem V1 defaults; see docs/ultramem-method.md A.9).
 
     The knobs that the paper and the released code disagree on are choices here (method notes, section F).
+    ``kind: ultramemv2`` is UltraMemV2 (memory_v2.py; ``MemoryConfig.ultramemv2()`` has its defaults): the
+    fields below marked V2 apply to it only, and ``num_keys`` is then n₀, the keys per side of one *layer's
+    share* of the value table shared by all memory layers (Table 10's "knum").  ``kind: memplus`` is Meta's
+    Memory+ (memory_plus.py; ``MemoryConfig.memplus()``): product keys over one value pool of num_keys² rows
+    that every memory layer reads, swilu gating, in place of the FFN of the blocks it sits in.
     """
 
-    kind: Literal["ultramem", "pkm"] = "ultramem"
-    num_keys: int = 64  # n: physical keys per side, N = n² value rows
+    kind: Literal["ultramem", "pkm", "ultramemv2", "memplus"] = "ultramem"
+    num_keys: int = 64  # n: physical keys per side, N = n² value rows (V2: n₀, see share_ratio)
     key_dim: int | None = None  # D_k per side; None: d_model // 4
     value_dim: int | None = None  # D_v; None: d_model // 2 (UltraMem) or d_model (PKM)
     heads: int = 2  # H retrieval heads
@@ -40,7 +45,11 @@ class MemoryConfig:
     share_query: bool = True  # all heads use one query (UltraMem) or one each (PKM)
     qk_norm: bool = True  # RMSNorm on sub-queries and keys
     norm_eps: float = 1e-5  # epsilon of the query and key RMSNorms (released code: 1e-5)
-    query_batchnorm: bool = False  # PKM's optional BatchNorm on the query
+    # BatchNorm on the query (PKM's option, for slot usage): none | past: normalise with the running statistics of
+    # earlier steps only, then fold this batch in (no token sees another's query, so nothing leaks from the
+    # future; eval and generation use the same statistics) | batch: PKM's, this batch's statistics (every
+    # position sees the whole batch, future tokens included: kept to compare with, not for language models)
+    query_batchnorm: Literal["none", "past", "batch"] = "none"
     # softmax: our default (docs/results.md §1); the paper and its released code use identity
     score_activation: Literal["identity", "softmax", "relu"] = "softmax"
     output_proj: bool = True  # project the E pooled D_v vectors to d_model
@@ -57,17 +66,42 @@ class MemoryConfig:
     balance_loss: float = 0.0  # β of the row/column pre-selection balance loss (UltraMemV2 Eq. 19: 1e-3); 0: off
     seed: int = 0  # seeds the IVE permutation (a buffer, not a parameter)
     kernels: Literal["xla", "pallas", "auto"] = "auto"  # search + gather: XLA ops or Pallas kernels (kernels.py)
+    # ---- V2 only (kind: ultramemv2) ----
+    pre_value_dim: int | None = None  # D_p of the pre-value rows P; None: value_dim
+    query_per_rank: bool = True  # one query per side and Tucker rank (the paper); False: one per side (V1's)
+    # one table of n₀²·table_layers rows (P and V) serves every memory layer; each layer reads a window of
+    # ⌊√(n₀²·table_layers·share_ratio)⌋² rows of it (released code mem_share_ratio: 0.5)
+    share_ratio: float = 0.5
+    sharing: Literal["ring", "block"] = "ring"  # S_g-Ring: window starts at the layer's own table | S_g-Block
+    table_layers: int = 0  # per-layer tables in the shared table; 0: one per memory layer of the model
+    init_score_var: float = 0.0  # σ_s², the selected scores' variance in V2's init (Eq. 26) with value_init paper
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
+    def is_v2(self) -> bool:
+        return self.kind == "ultramemv2"
+
+    @property
+    def table_rows(self) -> int:
+        """Rows of the value table: a layer's own (V1), or the one shared by all V2 layers (n₀²·table_layers)."""
+        return self.num_keys * self.num_keys * (max(1, self.table_layers) if self.is_v2 else 1)
+
+    @property
+    def window_keys(self) -> int:
+        """n: keys per side addressing the layer's rows (V2: ⌊√(table_rows·share_ratio)⌋, the released code's)."""
+        if not self.is_v2:
+            return self.num_keys
+        return max(1, math.isqrt(int(self.table_rows * self.share_ratio + 1e-6)))
+
+    @property
     def num_values(self) -> int:
-        """N: physical value rows."""
-        return self.num_keys * self.num_keys
+        """N: the value rows one layer addresses (V1: its table; V2: its window of the shared table)."""
+        return self.window_keys * self.window_keys
 
     @property
     def keys_per_side(self) -> int:
         """n' = sqrt(E)·n: the key grid addresses E·N virtual slots."""
-        return math.isqrt(self.expansion) * self.num_keys
+        return math.isqrt(self.expansion) * self.window_keys
 
     @property
     def m_pre(self) -> int:
@@ -79,8 +113,9 @@ class MemoryConfig:
         if self.value_dim is not None:
             value_dim = self.value_dim
         else:
-            value_dim = d_model if self.kind == "pkm" else max(1, d_model // 2)
-        return dataclasses.replace(self, key_dim=key_dim, value_dim=value_dim)
+            value_dim = d_model if self.kind in ("pkm", "memplus") else max(1, d_model // 2)
+        pre_value_dim = self.pre_value_dim if self.pre_value_dim is not None or not self.is_v2 else value_dim
+        return dataclasses.replace(self, key_dim=key_dim, value_dim=value_dim, pre_value_dim=pre_value_dim)
 
     def validate(self, d_model: int, prefix: str = "memory") -> None:
         c = self.resolved(d_model)
@@ -89,6 +124,7 @@ class MemoryConfig:
             v = getattr(c, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 _fail(f(name), f"must be a positive integer, got {v!r}")
+        self._validate_v2(c, f)  # before the sizes that V2's window (share_ratio, table_layers) decides
         if math.isqrt(c.expansion) ** 2 != c.expansion:
             _fail(f("expansion"), f"must be a perfect square (4, 9, 16, ...) so the key grid is square, got {c.expansion}")
         if c.m_pre > c.keys_per_side:
@@ -104,8 +140,8 @@ class MemoryConfig:
             _fail(f("aux_loss"), "the Tucker penalty acts on singular values 2..r and needs rank >= 2")
         if not c.output_proj and (c.expansion != 1 or c.value_dim != d_model):
             _fail(f("output_proj"), "can be off only with expansion=1 and value_dim == d_model")
-        if c.kind == "pkm" and (c.retrieval != "product_key" or c.expansion != 1):
-            _fail(f("kind"), "pkm means product_key retrieval without value expansion (expansion=1)")
+        if c.kind in ("pkm", "memplus") and (c.retrieval != "product_key" or c.expansion != 1):
+            _fail(f("kind"), f"{c.kind} means product_key retrieval without value expansion (expansion=1)")
         if not c.norm_eps > 0:
             _fail(f("norm_eps"), f"must be > 0, got {c.norm_eps}")
         if c.out_proj_std is not None and c.out_proj_std < 0:
@@ -119,6 +155,30 @@ class MemoryConfig:
         if c.preselect is not None and c.preselect < 1:
             _fail(f("preselect"), f"must be a positive integer, got {c.preselect}")
 
+    @staticmethod
+    def _validate_v2(c: "MemoryConfig", f) -> None:
+        if not c.is_v2:
+            if c.pre_value_dim is not None:
+                _fail(f("pre_value_dim"), "applies to kind ultramemv2 only")
+            if c.kind == "memplus" and not c.output_proj:
+                _fail(f("output_proj"), "memplus always projects its gated bag back to d_model (W_v)")
+            return
+        if isinstance(c.pre_value_dim, bool) or not isinstance(c.pre_value_dim, int) or c.pre_value_dim < 1:
+            _fail(f("pre_value_dim"), f"must be a positive integer, got {c.pre_value_dim!r}")
+        if not 0 < c.share_ratio <= 1:
+            _fail(f("share_ratio"), f"must be in (0, 1] (the share of the shared table a layer reads), "
+                  f"got {c.share_ratio}")
+        if isinstance(c.table_layers, bool) or not isinstance(c.table_layers, int) or c.table_layers < 0:
+            _fail(f("table_layers"), f"must be an integer >= 0 (0: one per memory layer), got {c.table_layers!r}")
+        if not c.output_proj:
+            _fail(f("output_proj"), "ultramemv2 always projects D_v -> d_model (its single projector)")
+        if c.value_init == "pkm":
+            _fail(f("value_init"), "ultramemv2 takes paper (Eq. 26) or code (0.02)")
+        if c.init_score_var < 0:
+            _fail(f("init_score_var"), f"must be >= 0, got {c.init_score_var}")
+        if c.query_batchnorm != "none":
+            _fail(f("query_batchnorm"), "is a PKM option; ultramemv2 RMS-normalises its queries")
+
     # ---- presets -------------------------------------------------------------------------------------
     @classmethod
     def pkm(cls, **overrides) -> "MemoryConfig":
@@ -126,6 +186,25 @@ class MemoryConfig:
         base = dict(kind="pkm", heads=4, retrieval="product_key", rank=1, cores=1, expansion=1, shuffle=False,
                     share_query=False, qk_norm=False, score_activation="softmax", output_proj=False,
                     value_init="pkm", aux_loss=False)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def memplus(cls, **overrides) -> "MemoryConfig":
+        """Memory+ (Meta, Memory Layers at Scale; anchors-2026.md §2.1): product keys, one query per head,
+        softmax over each head's winners, values of width d_model in one pool shared by all memory layers,
+        out = W_v(bag ⊙ silu(W_g x)); no q/k norm (Meta's public code; ``qk_norm: true`` is the option)."""
+        base = dict(kind="memplus", heads=4, topk=32, retrieval="product_key", rank=1, cores=1, expansion=1,
+                    shuffle=False, share_query=False, qk_norm=False, score_activation="softmax", out_proj_std=None,
+                    value_init="pkm", aux_loss=False)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def ultramemv2(cls, **overrides) -> "MemoryConfig":
+        """UltraMemV2 as in the paper and its released 227M command (anchors-2026.md §1.2–1.3): one head,
+        no key expansion, D_p = D_v, raw scores, the Tucker penalty off, V2's init (Eq. 26), table shared
+        by a 0.5 ring."""
+        base = dict(kind="ultramemv2", heads=1, rank=2, cores=2, expansion=1, score_activation="identity",
+                    out_proj_std=None, value_init="paper", aux_loss=False, share_ratio=0.5)
         return cls(**{**base, **overrides})
 
 
@@ -188,7 +267,13 @@ class ModelConfig:
 
     @property
     def resolved_memory(self) -> MemoryConfig | None:
-        return None if self.memory is None else self.memory.resolved(self.d_model)
+        """The memory config with its sizes filled (a V2 table spans one layer table per memory layer)."""
+        if self.memory is None:
+            return None
+        mem = self.memory.resolved(self.d_model)
+        if mem.is_v2 and mem.table_layers == 0:
+            mem = dataclasses.replace(mem, table_layers=max(1, len(self.placement)))
+        return mem
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
@@ -205,7 +290,12 @@ class ModelConfig:
         if self.memory is not None:
             if not placement:
                 _fail("memory_placement", "a memory config is given but no memory layer is placed (e.g. '1:2')")
-            self.memory.validate(self.d_model)
+            self.resolved_memory.validate(self.d_model)
+            if self.memory.kind == "memplus" and any(read != add for read, add in placement):
+                _fail("memory_placement", "memplus replaces the FFN of the blocks it sits in: use 'i:i' entries "
+                      "or 'all'")
+            if self.memory.kind == "memplus" and self.moe is not None:
+                _fail("moe", "memplus replaces FFNs; it does not combine with the MoE baseline")
         if self.moe is not None:
             self.moe.validate()
 

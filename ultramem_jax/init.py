@@ -6,6 +6,16 @@ Paper ("improved init"): treat the memory like an FFN whose output variance is �
            of n' standard normals (no closed form: Monte-Carlo), so the selected scores have mean ≈ 1.
 Released code: values N(0, 0.02²); both norm weights D_k^-0.33.
 PKM: values N(0, 1/D_v).
+
+UltraMemV2 (its App. A; anchors-2026.md §1.1 item 4, method notes F.7):
+  linears  every projection of the memory (query, pre-value, output) N(0, 2/(5·D)), as every linear of the
+           backbone, so a linear fed a unit-variance input outputs variance 0.4
+  tables   P and V share σ_V, set so the memory's output variance at init equals the FFN's:
+           σ_mem² = 0.16·(1+σ_s²)·σ_V⁴·D_p·m·H·D_v / D   (Eq. 22)   =   σ_ffn² = 0.064·k_inner / (2L)
+           ⇒ σ_V⁴ = 0.2·k_inner·D / (m·H·(1+σ_s²)·D_p·D_v·L)   (Eq. 26; the paper prints σ_V², but P and V
+           both carry σ_V, so the left side is σ_V⁴), k_inner = FFN inner width / D
+  norms    query- and key-norm weights D_k^-0.4 (the released code's)
+Released V2 code: P, V N(0, 0.02²); query 1/√D_k, pre-value 1/√D, output 1/√D_v.
 """
 from __future__ import annotations
 
@@ -33,10 +43,30 @@ def value_std(cfg: MemoryConfig, num_layers: int) -> float:
     return cfg.value_dim ** -0.5
 
 
+def v2_table_std(cfg: MemoryConfig, d_model: int, mlp_dim: int, num_layers: int) -> float:
+    """σ_V of UltraMemV2's pre-value and value tables (Eq. 26 with σ_V⁴), or the released code's 0.02."""
+    if cfg.value_init == "code":
+        return 0.02
+    k_inner = mlp_dim / d_model
+    var2 = 0.2 * k_inner * d_model / (cfg.topk * cfg.heads * (1 + cfg.init_score_var) * cfg.pre_value_dim
+                                      * cfg.value_dim * num_layers)
+    return var2 ** 0.25
+
+
+def v2_linear_stds(cfg: MemoryConfig, d_model: int) -> dict[str, float]:
+    """Init std of UltraMemV2's query, pre-value and output projections (paper: all √(2/(5D)); code: 1/√fan-in)."""
+    if cfg.value_init == "paper":
+        std = math.sqrt(2 / (5 * d_model))
+        return {"query": std, "pre_proj": std, "out_proj": std}
+    return {"query": cfg.key_dim ** -0.5, "pre_proj": d_model ** -0.5, "out_proj": cfg.value_dim ** -0.5}
+
+
 def norm_weights(cfg: MemoryConfig) -> tuple[float, float]:
     """(query-norm weight, key-norm weight) initial constants."""
+    if cfg.kind == "memplus":  # the ByteDance Memory+ re-implementation's q/k RMSNorm weight
+        return 1.0, 1.0
     if cfg.norm_init == "code":
-        w = cfg.key_dim ** -0.33
+        w = cfg.key_dim ** (-0.4 if cfg.is_v2 else -0.33)  # the V1 and V2 releases differ
         return w, w
     e_y = expected_topm_mean(cfg.keys_per_side, min(cfg.topk, cfg.keys_per_side))
     return 1.0 / math.sqrt(max(e_y, 1e-6)), cfg.key_dim ** -0.5

@@ -65,8 +65,9 @@ def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int,
 
 def search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect: int, topk: int, additive: bool,
            impl: str = "xla"):
-    """``key_search.search`` by ``impl``."""
-    if impl in ("xla", "gpu_pool"):
+    """``key_search.search`` by ``impl``.  Per-rank queries (UltraMemV2, T×H×R×D) take the XLA path: the
+    search kernel scores one query per side."""
+    if impl in ("xla", "gpu_pool") or query_row.ndim == 4:
         return key_search.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive)
     from pallas_kernels import key_search as kernel
     backend, interpret = _backend(impl)

@@ -41,6 +41,10 @@ def top_ids(scores_TxHxN, k: int):
 
 def preselect_scores(query_TxHxD, keys_HxNxDxR, direction_HxR):
     """<q, K·direction> for every key, T×H×N in float32: the rank-1 pre-selection score uᵀS (tᵀS)."""
+    if query_TxHxD.ndim == 4:  # T×H×R×D: one query per Tucker rank (UltraMemV2), so the keys cannot be folded
+        folded_HxNxDxR = keys_HxNxDxR.astype(jnp.float32) * direction_HxR.astype(jnp.float32)[:, None, None, :]
+        return jnp.einsum("thrd,hndr->thn", query_TxHxD, folded_HxNxDxR.astype(query_TxHxD.dtype),
+                          preferred_element_type=jnp.float32)
     folded_HxNxD = jnp.einsum("hndr,hr->hnd", keys_HxNxDxR.astype(jnp.float32), direction_HxR.astype(jnp.float32))
     return jnp.einsum("thd,hnd->thn", query_TxHxD, folded_HxNxD.astype(query_TxHxD.dtype),
                       preferred_element_type=jnp.float32)
@@ -48,8 +52,8 @@ def preselect_scores(query_TxHxD, keys_HxNxDxR, direction_HxR):
 
 def rank_scores_at(query_TxHxD, keys_HxNxDxR, ids_TxHxP):
     """The R rank scores of the keys ``ids`` only, T×H×R×P in float32."""
-    return jnp.einsum("thd,thpdr->thrp", query_TxHxD, _pick(keys_HxNxDxR, ids_TxHxP),
-                      preferred_element_type=jnp.float32)
+    spec = "thrd,thpdr->thrp" if query_TxHxD.ndim == 4 else "thd,thpdr->thrp"  # per-rank queries (V2)
+    return jnp.einsum(spec, query_TxHxD, _pick(keys_HxNxDxR, ids_TxHxP), preferred_element_type=jnp.float32)
 
 
 def candidate_grid(s_row_TxHxRxP, s_col_TxHxRxP, cores_CxHxRxR, additive: bool):
@@ -93,6 +97,8 @@ def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
            preselect: int, topk: int, additive: bool = False):
     """Returns ``(scores_TxHxMxC, slots_TxHxM)``, best first; slot = row·N + col.
 
+    Queries are T×H×D, or T×H×R×D for one query per Tucker rank (UltraMemV2).
+
     ``additive`` selects PKM scoring (s_row + s_col, rank 1, one core); ``cores``, ``u``, ``t`` are then unused.
     """
     slots_TxHxM = select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
@@ -107,8 +113,9 @@ def rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR
     """The scores ``search`` returns for the winners ``slots``, computed from their keys alone."""
     n = keys_row_HxNxDxR.shape[1]
     rows, cols = slots_TxHxM // n, slots_TxHxM % n
-    s_row_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_row_TxHxD, _pick(keys_row_HxNxDxR, rows))
-    s_col_TxHxMxR = jnp.einsum("thd,thmdr->thmr", query_col_TxHxD, _pick(keys_col_HxNxDxR, cols))
+    spec = "thrd,thmdr->thmr" if query_row_TxHxD.ndim == 4 else "thd,thmdr->thmr"  # per-rank queries (V2)
+    s_row_TxHxMxR = jnp.einsum(spec, query_row_TxHxD, _pick(keys_row_HxNxDxR, rows))
+    s_col_TxHxMxR = jnp.einsum(spec, query_col_TxHxD, _pick(keys_col_HxNxDxR, cols))
     if additive:
         return (s_row_TxHxMxR[..., 0] + s_col_TxHxMxR[..., 0])[..., None]
     return jnp.einsum("thma,chab,thmb->thmc", s_row_TxHxMxR, cores_CxHxRxR, s_col_TxHxMxR)

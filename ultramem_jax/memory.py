@@ -59,13 +59,32 @@ class UltraMemLayer(nnx.Module):
         cfg.validate(d_model)
         cfg = cfg.resolved(d_model)
         self.cfg, self.d_model = cfg, d_model
-        H, Dk, Dv, E, r, C = cfg.heads, cfg.key_dim, cfg.value_dim, cfg.expansion, cfg.rank, cfg.cores
-        n_side, N = cfg.keys_per_side, cfg.num_values
+        Dk, Dv, E, N = cfg.key_dim, cfg.value_dim, cfg.expansion, cfg.num_values
+        self._init_retrieval(cfg, d_model, query_ranks=1, query_std=Dk ** -0.5, rngs=rngs)
+        self.values = _param(None, rngs, (N, Dv), (sh.VALUE_ROWS, sh.VALUE_DIM), std=value_std(cfg, num_layers))
+        if cfg.output_proj:
+            std = (E * Dv) ** -0.5 if cfg.out_proj_std is None else cfg.out_proj_std
+            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED), std=std)
+        self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
+                            if cfg.shuffle and E > 1 else None)
+        self.layout: lookup.MemoryLayout | None = None  # how the value table is split (set by create_model)
+        self.impl = kernels.resolve(cfg.kernels)  # XLA ops or Pallas kernels, for this platform
+
+    def _init_retrieval(self, cfg: MemoryConfig, d_model: int, query_ranks: int, query_std: float,
+                        rngs: nnx.Rngs):
+        """Query projection, keys, q/k norms, Tucker cores: the retrieval half, shared with UltraMemV2.
+
+        ``query_ranks`` > 1 gives every side one query per Tucker rank (UltraMemV2's paper semantics).
+        """
+        H, Dk, r, C = cfg.heads, cfg.key_dim, cfg.rank, cfg.cores
+        n_side = cfg.keys_per_side
         self.query_heads = 1 if cfg.share_query else H
-        self.query = _param(None, rngs, (d_model, self.query_heads * 2 * Dk), (sh.EMBED, sh.MEM_QUERY),
-                            std=Dk ** -0.5)
-        self.query_bn = (nnx.BatchNorm(self.query_heads * 2 * Dk, use_running_average=False, rngs=rngs)
-                         if cfg.query_batchnorm else None)
+        self.query_ranks = query_ranks
+        q_feat = self.query_heads * 2 * query_ranks * Dk
+        self.query = _param(None, rngs, (d_model, q_feat), (sh.EMBED, sh.MEM_QUERY), std=query_std)
+        past = cfg.query_batchnorm == "past"  # its statistics follow the last ~10 steps, not ~100
+        self.query_bn = (nnx.BatchNorm(q_feat, use_running_average=past, momentum=0.9 if past else 0.99, rngs=rngs)
+                         if cfg.query_batchnorm != "none" else None)
         # keys[h, side, i, :, a]: the a-th rank vector of key i on side (0 = row, 1 = column) of head h
         self.keys = _param(None, rngs, (H, 2, n_side, Dk, r), (sh.MEM_HEADS, None, sh.MEM_KEYS, None, None),
                            std=Dk ** -0.5)
@@ -79,14 +98,6 @@ class UltraMemLayer(nnx.Module):
             u, t = tdqkr.initial_tucker_vectors(H, r)
             self.tucker_u, self.tucker_t = TuckerVectors(u), TuckerVectors(t)
             self.refresh_tucker()  # before any forward: never pre-select with stale or zero vectors
-        self.values = _param(None, rngs, (N, Dv), (sh.VALUE_ROWS, sh.VALUE_DIM), std=value_std(cfg, num_layers))
-        if cfg.output_proj:
-            std = (E * Dv) ** -0.5 if cfg.out_proj_std is None else cfg.out_proj_std
-            self.out_proj = _param(None, rngs, (E, Dv, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED), std=std)
-        self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed, E * N)))
-                            if cfg.shuffle and E > 1 else None)
-        self.layout: lookup.MemoryLayout | None = None  # how the value table is split (set by create_model)
-        self.impl = kernels.resolve(cfg.kernels)  # XLA ops or Pallas kernels, for this platform
 
     # ---- TDQKR state -------------------------------------------------------------------------------
     def refresh_tucker(self):
@@ -110,14 +121,16 @@ class UltraMemLayer(nnx.Module):
         T = x_TxD.shape[0]
         q = x_TxD @ self.query[...].astype(x_TxD.dtype)
         if self.query_bn is not None:
-            q = self.query_bn(q)
-        q_TxQx2xD = q.reshape(T, self.query_heads, 2, cfg.key_dim)
+            q = self._query_batchnorm(q)
+        # T×Q×2×D, or T×Q×2×R×D with one query per Tucker rank (V2): the RMS norm acts on each D-vector
+        rank_axis = (self.query_ranks,) if self.query_ranks > 1 else ()
+        q_TxQx2xD = q.reshape(T, self.query_heads, 2, *rank_axis, cfg.key_dim)
         keys = self.keys[...].astype(x_TxD.dtype)
         if cfg.qk_norm:
             q_TxQx2xD = _rms_normalize(q_TxQx2xD, cfg.norm_eps) * self.query_norm[...].astype(q.dtype)
             keys = _rms_normalize(jnp.moveaxis(keys, 3, -1), cfg.norm_eps) * self.key_norm[...].astype(q.dtype)
             keys = jnp.moveaxis(keys, -1, 3)
-        q_TxHx2xD = jnp.broadcast_to(q_TxQx2xD, (T, cfg.heads, 2, cfg.key_dim))
+        q_TxHx2xD = jnp.broadcast_to(q_TxQx2xD, (T, cfg.heads, *q_TxQx2xD.shape[2:]))
         if cfg.retrieval == "tdqkr":
             cores, u, t = self.cores[...].astype(q.dtype), self.tucker_u[...], self.tucker_t[...]
         else:
@@ -127,6 +140,21 @@ class UltraMemLayer(nnx.Module):
         if not with_balance:
             return scores, slots
         return scores, slots, self._balance_loss(q_TxHx2xD, keys, slots)
+
+    def _query_batchnorm(self, q_TxF):
+        """PKM's query BatchNorm. ``past``: normalised with the statistics of earlier steps (the BatchNorm runs on
+        its running averages), then this batch's statistics are folded into them for the next step, outside the
+        gradient. A train step keeps the update; evaluation and generation discard it."""
+        bn = self.query_bn
+        if self.cfg.query_batchnorm == "batch":
+            return bn(q_TxF)
+        out = bn(q_TxF)
+        q32 = jax.lax.stop_gradient(q_TxF.astype(jnp.float32))
+        mean = q32.mean(axis=0)
+        var = jnp.mean(jnp.square(q32 - mean), axis=0)
+        bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean
+        bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * var
+        return out
 
     def _balance_loss(self, q_TxHx2xD, keys_Hx2xNxDxR, slots_TxHxM):
         """UltraMemV2's balance loss on the row and column pre-selection (its Eq. 19), per side and head:

@@ -83,6 +83,9 @@ def memory_layout(layout_cfg: dict, mesh, rules, model_cfg, batch_size: int, min
     mem = model_cfg.resolved_memory
     if mem is None:
         return None, list(rules.items())
+    if mem.kind in ("ultramemv2", "memplus") and (axes["rows"] or axes["cols"]):
+        raise UsageError(f"memory_layout: {mem.kind} supports only the replicated table so far (rows: [], cols: []); "
+                         "its number-wise, dimension-wise and hybrid layouts are not implemented")
     n_rows = math.prod(mesh.shape[a] for a in axes["rows"])
     n_cols = math.prod(mesh.shape[a] for a in axes["cols"])
     if mem.num_values % n_rows:

@@ -102,9 +102,12 @@ def _path_names(path) -> list[str]:
 
 
 def param_labels(params):
-    """'values' for the memory value tables, 'other' for everything else."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "values" if "values" in _path_names(path) else "other", params)
+    """'values' for the memory value tables (UltraMemV2's pre-value tables too, as its release groups them),
+    'other' for everything else."""
+    def label(path, _):
+        names = _path_names(path)
+        return "values" if "values" in names or "pre_values" in names else "other"
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:

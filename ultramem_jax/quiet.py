@@ -4,8 +4,9 @@ recovery as the one ``warning:`` line) that this project prints for it.
 * absl logging (Orbax: "Given directory is read only", per-save info lines, a failed background write logged
   with its traceback before the same error reaches the caller) is silenced below CRITICAL.
 * asyncio: when one TensorStore read of a damaged checkpoint fails, Orbax closes its event loop while other reads
-  are still in flight; their completions then each print a "RuntimeError: Event loop is closed" traceback.  Those
-  are dropped (every other uncaught exception still prints).
+  are still in flight; their completions then each print a "RuntimeError: Event loop is closed" traceback, and
+  the abandoned read coroutines that failed too print "Exception ignored in: <coroutine ...>" when collected.
+  Those are dropped (the first failure reaches the caller; every other uncaught exception still prints).
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ import threading
 
 def _is_closed_loop_noise(exc_type, exc) -> bool:
     return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _is_abandoned_orbax_read(args) -> bool:
+    code = getattr(args.object, "cr_code", None)  # a coroutine object
+    return code is not None and "orbax" in code.co_filename
 
 
 def quiet_library_noise() -> None:
@@ -41,7 +47,7 @@ def quiet_library_noise() -> None:
             previous_thread_hook(args)
 
     def unraisable_hook(args):  # TensorStore's completion callbacks report through this one
-        if not _is_closed_loop_noise(args.exc_type, args.exc_value):
+        if not (_is_closed_loop_noise(args.exc_type, args.exc_value) or _is_abandoned_orbax_read(args)):
             previous_unraisable(args)
 
     hook._ultramem = True

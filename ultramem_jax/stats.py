@@ -1,4 +1,4 @@
-"""Memory-layer statistics a run can log: slot usage over a window, selected scores, core spectra.
+"""Memory-layer statistics a run can log: row reads over a window, selected scores, core spectra.
 
 Memory health, per layer, is what tells whether a memory helps, idles or drowns the stream:
   out_rms / resid_rms   the memory output's RMS next to the residual stream's where it is added
@@ -14,11 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ultramem_jax import tdqkr
-
-
-def rows_hit(rows_TxK: jax.Array, num_values: int) -> jax.Array:
-    """Boolean N-vector: which physical value rows this batch selected (device side, cheap to OR up)."""
-    return jnp.zeros((num_values,), jnp.bool_).at[rows_TxK.reshape(-1)].set(True)
 
 
 def row_counts(rows_TxK: jax.Array, num_values: int) -> jax.Array:
@@ -63,34 +58,6 @@ def health_line(record: dict, num_layers: int) -> str:
     if "grad_norm_values" in record:
         line += f" | |g| values {record['grad_norm_values']:.2f} rest {record['grad_norm_other']:.2f}"
     return line
-
-
-class SlotUsage:
-    """Fraction of value rows hit at least once over a window of steps, per memory layer."""
-
-    def __init__(self, num_layers: int, num_values: int):
-        self.num_values = num_values
-        self._hit = [np.zeros(num_values, bool) for _ in range(num_layers)]
-
-    def update(self, hits_per_layer):
-        for acc, hit in zip(self._hit, hits_per_layer):
-            acc |= np.asarray(hit)
-
-    def fractions(self, reset: bool = True) -> list[float]:
-        out = [float(h.mean()) for h in self._hit]
-        if reset:
-            for h in self._hit:
-                h[:] = False
-        return out
-
-
-def score_stats(mem_info: list[dict]) -> dict[str, float]:
-    """Mean top-1 and mean top-m selection score per memory layer."""
-    out = {}
-    for k, info in enumerate(mem_info):
-        out[f"mem{k}/top1_score"] = float(info["top1"])
-        out[f"mem{k}/topm_score"] = float(info["topm"])
-    return out
 
 
 def mean_core_singular_values(memories) -> jax.Array | None:

@@ -20,7 +20,12 @@ import jax.numpy as jnp
 
 
 def rank_key_scores(query_TxHxD: jax.Array, keys_HxNxDxR: jax.Array) -> jax.Array:
-    """S[t, h, a, i] = <q[t, h], K[h, i, :, a]>: one score per Tucker rank a.  Returns T×H×R×N."""
+    """S[t, h, a, i] = <q[t, h], K[h, i, :, a]>: one score per Tucker rank a.  Returns T×H×R×N.
+
+    A T×H×R×D query is one query per rank (UltraMemV2): S[t, h, a, i] = <q[t, h, a], K[h, i, :, a]>.
+    """
+    if query_TxHxD.ndim == 4:
+        return jnp.einsum("thrd,hndr->thrn", query_TxHxD, keys_HxNxDxR)
     return jnp.einsum("thd,hndr->thrn", query_TxHxD, keys_HxNxDxR)
 
 

@@ -15,6 +15,8 @@ from flax import nnx
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import ModelConfig
 from ultramem_jax.memory import memory_layer
+from ultramem_jax.memory_plus import MemoryPlusLayer
+from ultramem_jax.memory_v2 import SharedValueTable, UltraMemV2Layer
 from ultramem_jax.moe import MoE
 
 
@@ -118,12 +120,16 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """``with_ffn=False``: the block's FFN is left out (a Memory+ layer takes its place)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, with_ffn: bool = True):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-style residual-branch scaling
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(cfg, out_std, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model)
-        if cfg.moe is None:
+        if not with_ffn:
+            self.ffn = None
+        elif cfg.moe is None:
             self.ffn = SwiGLU(cfg, out_std, rngs=rngs)
         else:
             self.ffn = MoE(cfg.moe, cfg.d_model, cfg.resolved_mlp_dim, cfg.init_std, out_std, rngs=rngs)
@@ -132,6 +138,8 @@ class Block(nnx.Module):
         """Returns (block output, the pre-FFN normalised hidden that a memory layer may read, MoE info or None)."""
         x_BxSxD = x_BxSxD + self.attn(self.attn_norm(x_BxSxD), positions)
         ffn_in_BxSxD = self.ffn_norm(x_BxSxD)
+        if self.ffn is None:
+            return x_BxSxD, ffn_in_BxSxD, None
         if isinstance(self.ffn, MoE):
             y, moe_info = self.ffn(ffn_in_BxSxD)
             return x_BxSxD + y, ffn_in_BxSxD, moe_info
@@ -142,13 +150,26 @@ class TransformerLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, (sh.VOCAB, sh.EMBED))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        mem = cfg.resolved_memory
+        replaced = {read for read, _ in cfg.placement} if mem is not None and mem.kind == "memplus" else set()
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, with_ffn=i not in replaced) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
         if not cfg.tie_embeddings:
             self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, (sh.EMBED, sh.VOCAB))
         self.placement = cfg.placement
-        self.memories = nnx.List([memory_layer(cfg.memory, cfg.d_model, cfg.num_layers, rngs=rngs)
-                                  for _ in self.placement])
+        if mem is not None and mem.is_v2:  # one P/V table for all layers, each reading its window of it
+            self.memory_table = SharedValueTable(mem, cfg.d_model, cfg.resolved_mlp_dim, cfg.num_layers, rngs=rngs)
+            self.memories = nnx.List([UltraMemV2Layer(mem, cfg.d_model, cfg.num_layers, layer_index=k,
+                                                      mlp_dim=cfg.resolved_mlp_dim, rngs=rngs)
+                                      for k in range(len(self.placement))])
+        elif mem is not None and mem.kind == "memplus":  # one value pool read whole by every layer
+            self.memory_table = SharedValueTable(mem, cfg.d_model, cfg.resolved_mlp_dim, cfg.num_layers, rngs=rngs)
+            self.memories = nnx.List([MemoryPlusLayer(mem, cfg.d_model, cfg.num_layers, rngs=rngs)
+                                      for _ in self.placement])
+        else:
+            self.memory_table = None
+            self.memories = nnx.List([memory_layer(cfg.memory, cfg.d_model, cfg.num_layers, rngs=rngs)
+                                      for _ in self.placement])
 
     def __call__(self, tokens_BxS: jax.Array, *, return_hidden: bool = False, positions_BxS: jax.Array | None = None):
         """Returns (logits B×S×V in float32, aux).
@@ -172,7 +193,8 @@ class TransformerLM(nnx.Module):
             if routing is not None:
                 moe_info.append(routing)
             if i in read_at:  # the memory runs off the critical path until its output is due
-                pending, info = self.memories[read_at[i]](ffn_in)
+                memory = self.memories[read_at[i]]
+                pending, info = memory(ffn_in) if self.memory_table is None else memory(ffn_in, self.memory_table)
                 mem_info.append(info)
             if i in add_after:  # health: how loud the memory is next to the stream it joins
                 mem_info[add_after[i]].update(out_rms=_rms(pending), resid_rms=_rms(x))

@@ -1,0 +1,73 @@
+"""Memory+ (Meta, "Memory Layers at Scale", arXiv 2412.09764; anchors-2026.md §2.1), the other strong memory
+layer, as a Flax NNX module.  It sits in place of the FFN of the blocks it is placed in.
+
+Per token (x: the block's normalised FFN input):
+
+    q_h = W_q x  (one query per head; optional RMSNorm on queries and keys)
+    winners, s = top-m of s_row[i] + s_col[j] over the n×n product-key grid     (product_keys.py, per head)
+    w = softmax over each head's m winners
+    bag = Σ_h Σ_k w_hk · V[slot_hk]                     the weighted gather of V1 (lookup.py), one block
+    out = W_v (bag ⊙ silu(W_g x))                       swilu gating
+
+V is one pool of n² rows of width D_v (default d_model) that every Memory+ layer of the model reads
+(``SharedValueTable``, Meta's class-level ``VALUES``).  Init as Meta's code: values N(0, 1/D_v), the query
+projection xavier (as a normal of the same variance), W_g and W_v N(0, 1/D); keys stay V1's N(0, 1/D_k)
+(Meta: uniform ±1/√k_dim).  Training values at a constant LR with their own gradient clip is the optimizer's
+``value_learning_rate`` / ``value_grad_clip``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultramem_jax import kernels, lookup
+from ultramem_jax import sharding as sh
+from ultramem_jax.config import MemoryConfig
+from ultramem_jax.memory import UltraMemLayer, _param
+
+
+class MemoryPlusLayer(UltraMemLayer):
+    """Memory+ over a shared value pool; retrieval (product keys, per-head queries) is V1/PKM's."""
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, num_layers: int, *, rngs: nnx.Rngs):
+        if cfg.kind != "memplus":
+            raise ValueError("memory.kind: MemoryPlusLayer needs kind memplus (MemoryConfig.memplus(...))")
+        cfg.validate(d_model)
+        cfg = cfg.resolved(d_model)
+        self.cfg, self.d_model = cfg, d_model
+        heads = 1 if cfg.share_query else cfg.heads
+        q_std = math.sqrt(2 / (d_model + heads * 2 * cfg.key_dim))  # xavier
+        self._init_retrieval(cfg, d_model, query_ranks=1, query_std=q_std, rngs=rngs)
+        self.swilu_proj = _param(None, rngs, (d_model, cfg.value_dim), (sh.EMBED, sh.VALUE_DIM), std=d_model ** -0.5)
+        out_std = d_model ** -0.5 if cfg.out_proj_std is None else cfg.out_proj_std
+        self.out_proj = _param(None, rngs, (cfg.value_dim, d_model), (sh.VALUE_DIM, sh.EMBED), std=out_std)
+        self.permutation = None
+        self.layout: lookup.MemoryLayout | None = None  # only None: mesh.py refuses memplus table layouts
+        self.impl = kernels.resolve(cfg.kernels)
+
+    def __call__(self, x_BxSxD: jax.Array, table):
+        """Returns (output B×S×D, info), reading ``table.values`` (the shared pool)."""
+        cfg = self.cfg
+        B, S, D = x_BxSxD.shape
+        x_TxD = x_BxSxD.reshape(B * S, D)
+        if cfg.balance_loss > 0:
+            raw_TxHxMx1, slots_TxHxM, balance = self.retrieve(x_TxD, with_balance=True)
+        else:
+            (raw_TxHxMx1, slots_TxHxM), balance = self.retrieve(x_TxD), None
+        weights_TxHxMx1 = self._activate(raw_TxHxMx1)
+        K = cfg.heads * cfg.topk
+        slots_TxK = slots_TxHxM.reshape(-1, K)
+        bag_TxV = lookup.memory_lookup(self.layout, table.values[...], None, slots_TxK,
+                                       weights_TxHxMx1.reshape(-1, K, 1), cfg.num_values, 1, impl=self.impl)
+        gate_TxV = jax.nn.silu(x_TxD @ self.swilu_proj[...].astype(x_TxD.dtype))
+        out_TxD = (bag_TxV * gate_TxV.astype(bag_TxV.dtype)) @ self.out_proj[...].astype(bag_TxV.dtype)
+        if cfg.output_scale != 1.0:
+            out_TxD = out_TxD * cfg.output_scale
+        selection = raw_TxHxMx1.sum(-1)
+        info = {"rows": slots_TxK, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
+        if balance is not None:
+            info["balance_loss"] = balance
+        return out_TxD.reshape(B, S, D), info

@@ -57,22 +57,54 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
         found = _find_run(out_root, resolved)
         if found:
             return found
+    # A run cut short (a session that ended, a kill) whose partial record holds this exact config resumes from
+    # its last checkpoint: train.py resumes bitwise-identically (tests/test_train_cli.py), so long runs can span
+    # sessions. Anything else in the directory is stale and goes.
+    partial_file = os.path.join(out, "benchmark_partial.json")
+    earlier_seconds = 0.0
     if os.path.exists(out):
-        import shutil
-        shutil.rmtree(out)  # a benchmark run starts fresh (train.py would resume)
+        partial = _read_json(partial_file)
+        if partial.get("config") == resolved and os.path.isdir(os.path.join(out, "checkpoints")):
+            earlier_seconds = partial.get("seconds", 0.0)
+            print(f"resuming the cut-short run {name} ({earlier_seconds:.0f} s so far)", file=sys.stderr)
+        else:
+            import shutil
+            shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    _write_json(partial_file, {"config": resolved, "seconds": earlier_seconds})
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *overrides]
-    t0 = time.time()
+    t0 = time.time() - earlier_seconds
     # Benchmark runs compile the same few programs over and over: share XLA's compilation cache between them.
     env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, "runs", ".xla-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1", **os.environ}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    with open(os.path.join(out, "benchmark_stderr.txt"), "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        while proc.poll() is None:  # the wall time so far survives a kill of this process too
+            time.sleep(5)
+            _write_json(partial_file, {"config": resolved, "seconds": time.time() - t0})
     seconds = time.time() - t0
     if proc.returncode:
-        fail(f"run {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        tail = open(os.path.join(out, "benchmark_stderr.txt")).read().strip().splitlines()[-1:]
+        fail(f"run {name} failed (exit {proc.returncode}): {tail}")
     run = _read_run(name, out, seconds)
     with open(done_file, "w") as fh:
         json.dump({"overrides": list(overrides), "config": resolved, "seconds": seconds}, fh)
+    os.remove(partial_file)
     return run
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: str, record: dict):
+    with open(path + ".tmp", "w") as fh:  # replaced whole, so a kill never leaves half a record
+        json.dump(record, fh)
+    os.replace(path + ".tmp", path)
 
 
 def cached_run(overrides: list[str], out_root: str) -> dict | None:
@@ -110,6 +142,8 @@ def _find_run(out_root: str, resolved: dict):
 def _meaningful(cfg: dict) -> dict:
     """A resolved config without the keys that cannot change its run: value-table optimizer knobs when the model
     has no memory layer."""
+    # How often a run saved checkpoints cannot change its losses (resume is bitwise-identical).
+    cfg = {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "keep_checkpoints")}
     if cfg.get("model", {}).get("memory") is None:
         cfg = {**cfg, "optim": {k: v for k, v in cfg.get("optim", {}).items() if not k.startswith("value_")}}
     return cfg
@@ -144,10 +178,11 @@ def slug(text: str) -> str:
 
 def train_overrides(data: str, steps: int, batch: int, seq: int, full: bool, evals: int, logs: int) -> list[str]:
     """train.py overrides shared by the training benchmarks: ``evals`` validation passes (the whole split in
-    full mode, 40 batches in quick mode), about ``logs`` log lines, no checkpoints."""
+    full mode, 40 batches in quick mode), about ``logs`` log lines, and checkpoints only for long runs (every
+    eighth of the way, so a run cut short resumes; the end state is not kept)."""
     return [f"data.dataset={data}", f"steps={steps}", f"batch_size={batch}", f"seq_len={seq}",
-            f"eval_every={steps // evals}", "eval_batches=" + ("0" if full else "40"), "checkpoint_every=0",
-            f"log_every={max(10, steps // logs)}"]
+            f"eval_every={steps // evals}", "eval_batches=" + ("0" if full else "40"),
+            f"checkpoint_every={steps // 8 if steps >= 1000 else 0}", f"log_every={max(10, steps // logs)}"]
 
 
 def write_table(path: str, title: str, notes: list[str], header: list[str], rows: list[list]) -> str:

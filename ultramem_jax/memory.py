@@ -193,12 +193,8 @@ class UltraMemLayer(nnx.Module):
     def __call__(self, x_BxSxD: jax.Array):
         """Returns (output B×S×D, info) where info holds what the memory statistics need."""
         cfg = self.cfg
-        B, S, D = x_BxSxD.shape
-        x_TxD = x_BxSxD.reshape(B * S, D)
-        if cfg.balance_loss > 0:
-            raw_TxHxMxC, slots_TxHxM, balance = self.retrieve(x_TxD, with_balance=True)
-        else:
-            (raw_TxHxMxC, slots_TxHxM), balance = self.retrieve(x_TxD), None
+        x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
+        raw_TxHxMxC, slots_TxHxM, balance = self._select(x_TxD)
         scores_TxHxMxC = self._activate(raw_TxHxMxC)
         # IVE shuffle: id = π(slot) = block·N + row, split again inside the lookup
         ids_TxHxM = slots_TxHxM if self.permutation is None else jnp.take(self.permutation[...], slots_TxHxM)
@@ -206,17 +202,32 @@ class UltraMemLayer(nnx.Module):
         ids_TxK = ids_TxHxM.reshape(-1, K)
         out_proj = self.out_proj[...] if cfg.output_proj else None
         # the table goes in uncast: the lookup casts only the rows it reads to the scores' dtype
-        tap = getattr(self, "value_tap", None)
         out_TxD = lookup.memory_lookup(self.layout, self.values[...], out_proj, ids_TxK,
                                        scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion,
-                                       impl=self.impl, tap_TxKxD=None if tap is None else tap[...])
-        if cfg.output_scale != 1.0:
-            out_TxD = out_TxD * cfg.output_scale
+                                       impl=self.impl, tap_TxKxD=self._value_tap())
+        return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMxC, ids_TxK % cfg.num_values, balance)
+
+    def _select(self, x_TxD):
+        """(raw scores T×H×M×C, slots T×H×M, the balance loss or None): the retrieval every memory kind runs."""
+        if self.cfg.balance_loss > 0:
+            return self.retrieve(x_TxD, with_balance=True)
+        return (*self.retrieve(x_TxD), None)
+
+    def _value_tap(self):
+        """The zeros the sparse-update train step adds to the gathered value rows (``ValueTap``), or None."""
+        tap = getattr(self, "value_tap", None)
+        return None if tap is None else tap[...]
+
+    def _finish(self, out_TxD, shape_BxSxD, raw_TxHxMxC, rows_TxK, balance):
+        """The output scaled and reshaped, and the info the memory statistics need (``rows``: the table rows
+        read, for usage)."""
+        if self.cfg.output_scale != 1.0:
+            out_TxD = out_TxD * self.cfg.output_scale
         selection = raw_TxHxMxC.sum(-1)  # the score each winner was selected by
-        info = {"rows": ids_TxK % cfg.num_values, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
+        info = {"rows": rows_TxK, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
         if balance is not None:
             info["balance_loss"] = balance
-        return out_TxD.reshape(B, S, D), info
+        return out_TxD.reshape(shape_BxSxD), info
 
 
 class PKMLayer(UltraMemLayer):

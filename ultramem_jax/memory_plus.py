@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ultramem_jax import kernels, lookup
@@ -51,12 +50,8 @@ class MemoryPlusLayer(UltraMemLayer):
     def __call__(self, x_BxSxD: jax.Array, table):
         """Returns (output B×S×D, info), reading ``table.values`` (the shared pool)."""
         cfg = self.cfg
-        B, S, D = x_BxSxD.shape
-        x_TxD = x_BxSxD.reshape(B * S, D)
-        if cfg.balance_loss > 0:
-            raw_TxHxMx1, slots_TxHxM, balance = self.retrieve(x_TxD, with_balance=True)
-        else:
-            (raw_TxHxMx1, slots_TxHxM), balance = self.retrieve(x_TxD), None
+        x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
+        raw_TxHxMx1, slots_TxHxM, balance = self._select(x_TxD)
         weights_TxHxMx1 = self._activate(raw_TxHxMx1)
         K = cfg.heads * cfg.topk
         slots_TxK = slots_TxHxM.reshape(-1, K)
@@ -64,10 +59,4 @@ class MemoryPlusLayer(UltraMemLayer):
                                        weights_TxHxMx1.reshape(-1, K, 1), cfg.num_values, 1, impl=self.impl)
         gate_TxV = jax.nn.silu(x_TxD @ self.swilu_proj[...].astype(x_TxD.dtype))
         out_TxD = (bag_TxV * gate_TxV.astype(bag_TxV.dtype)) @ self.out_proj[...].astype(bag_TxV.dtype)
-        if cfg.output_scale != 1.0:
-            out_TxD = out_TxD * cfg.output_scale
-        selection = raw_TxHxMx1.sum(-1)
-        info = {"rows": slots_TxK, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
-        if balance is not None:
-            info["balance_loss"] = balance
-        return out_TxD.reshape(B, S, D), info
+        return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMx1, slots_TxK, balance)

@@ -86,12 +86,8 @@ class UltraMemV2Layer(UltraMemLayer):
     def __call__(self, x_BxSxD: jax.Array, table: SharedValueTable):
         """Returns (output B×S×D, info); ``info['rows']`` are window-relative rows (usage statistics)."""
         cfg = self.cfg
-        B, S, D = x_BxSxD.shape
-        x_TxD = x_BxSxD.reshape(B * S, D)
-        if cfg.balance_loss > 0:
-            raw_TxHxMxC, slots_TxHxM, balance = self.retrieve(x_TxD, with_balance=True)
-        else:
-            (raw_TxHxMxC, slots_TxHxM), balance = self.retrieve(x_TxD), None
+        x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
+        raw_TxHxMxC, slots_TxHxM, balance = self._select(x_TxD)
         scores_TxHxMxC = self._activate(raw_TxHxMxC)
         ids_TxHxM = slots_TxHxM if self.permutation is None else jnp.take(self.permutation[...], slots_TxHxM)
         K = cfg.heads * cfg.topk
@@ -104,10 +100,4 @@ class UltraMemV2Layer(UltraMemLayer):
         weights_TxKxC = scores_TxHxMxC.reshape(-1, K, cfg.cores) * gate_TxK[..., None]
         out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...], rows_TxK, weights_TxKxC,
                                        cfg.table_rows, 1, impl=self.impl)
-        if cfg.output_scale != 1.0:
-            out_TxD = out_TxD * cfg.output_scale
-        selection = raw_TxHxMxC.sum(-1)
-        info = {"rows": local_TxK, "top1": selection[:, :, 0].mean(), "topm": selection.mean()}
-        if balance is not None:
-            info["balance_loss"] = balance
-        return out_TxD.reshape(B, S, D), info
+        return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMxC, local_TxK, balance)

@@ -12,7 +12,6 @@ import pytest
 from ultramem_jax import MemoryConfig, ModelConfig, data, row_adam, training
 from ultramem_jax.checkpointing import Checkpointer, abstract_like
 from ultramem_jax.errors import UsageError
-from ultramem_jax.lookup import MemoryLayout
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
 from ultramem_jax.optim import OptimConfig, clip_factor, value_lr_schedule, value_row_hyper
 from ultramem_jax.train_config import TrainConfig
@@ -132,9 +131,11 @@ def test_config_errors():
         OptimConfig(value_update="adagrad")
     with pytest.raises(ValueError, match="optim.value_update: sparse needs b1 < sqrt"):
         OptimConfig(value_update="sparse", b1=0.9, value_b2=0.5)
-    with pytest.raises(UsageError, match="only the replicated memory layout"):
-        training.check_value_update(OptimConfig(value_update="sparse"), MemoryLayout(row_axes=("data",)))
-    training.check_value_update(OptimConfig(value_update="dense"), MemoryLayout(row_axes=("data",)))
+    for mem in (MemoryConfig.ultramemv2(), MemoryConfig.memplus()):
+        with pytest.raises(UsageError, match=f"not implemented for memory.kind {mem.kind}"):
+            training.check_value_update(OptimConfig(value_update="lazy"), mem)
+        training.check_value_update(OptimConfig(value_update="dense"), mem)
+    training.check_value_update(OptimConfig(value_update="sparse"), MemoryConfig())
 
 
 # ---- the train step ------------------------------------------------------------------------------------------

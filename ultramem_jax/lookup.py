@@ -17,6 +17,7 @@ the per-step signatures and byte counts.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +64,6 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     if layout is None or layout.kind == "replicated":
         return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl,
                             tap_TxKxD)
-    if tap_TxKxD is not None:
-        raise ValueError(f"optim.value_update: sparse does not support the {layout.kind} memory layout yet "
-                         "(only replicated)")
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
     gather_axes = tuple(a for a in B if a in R + C)  # table shards that also hold different tokens
     sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens
@@ -80,7 +78,7 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
         col0 = jax.lax.axis_index(C) * d_loc
         return jax.lax.dynamic_slice_in_dim(scores, col0 // slice_w, max(1, d_loc // slice_w), axis=2), col0
 
-    def body(values_loc, out_proj_loc, ids, scores):
+    def body(values_loc, out_proj_loc, ids, scores, tap):
         col0 = 0
         if C and slice_before_gather:
             scores, col0 = my_cores(scores, values_loc.shape[1])
@@ -96,7 +94,8 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             mine = (local >= 0) & (local < n_loc)
             rows = jnp.where(mine, local, 0)
             scores = jnp.where(mine[..., None], scores, 0)
-        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl)
+        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl,
+                           None if tap is None else tap[0])
         if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
             zeros = jnp.zeros((out.shape[0], d_out), out.dtype)
             out = jax.lax.dynamic_update_slice_in_dim(zeros, out, col0, axis=1)
@@ -108,7 +107,29 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
 
     tok = P(_spec(B), None)
     in_specs = (P(_spec(R), _spec(C)), None if out_proj_ExDxO is None else P(None, _spec(C), None), tok,
-                P(_spec(B), None, None))
+                P(_spec(B), None, None), None if tap_TxKxD is None else P(_spec(tap_axes(layout)), None, None, None))
     # check_vma=False: Pallas kernels (the local gather-pool on accelerators) do not carry vma types.
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
-        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC)
+        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, tap_TxKxD)
+
+
+def tap_axes(layout: MemoryLayout) -> tuple[str, ...]:
+    """The mesh axes whose shards see different table slices or different tokens, in mesh order: a sharded
+    layout's value tap has one T_g×K×D_loc block per combination of them (replicated over the other axes)."""
+    used = set(layout.row_axes + layout.col_axes + layout.token_axes)
+    return tuple(a for a in jax.sharding.get_abstract_mesh().axis_names if a in used)
+
+
+def new_tap(layout: MemoryLayout | None, tokens: int, k: int, d: int, dtype):
+    """Zeros for the sparse value update's tap (memory.ValueTap): T×K×D_v for a replicated table; under a
+    sharded layout S×T_g×K×D_loc, each shard's block matching the rows it gathers inside ``memory_lookup``
+    (T_g: its token group's tokens; D_loc: its columns), so the tap's gradient never crosses the wire."""
+    if layout is None or layout.kind == "replicated":
+        return jnp.zeros((tokens, k, d), dtype)
+    size = jax.sharding.get_abstract_mesh().shape
+    prod = lambda axes: math.prod(size[a] for a in axes)  # noqa: E731
+    R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
+    gather_axes = tuple(a for a in B if a in R + C)
+    axes = tap_axes(layout)
+    shape = (prod(axes), tokens // prod(B) * prod(gather_axes), k, d // prod(C))
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), P(_spec(axes), None, None, None))

@@ -13,7 +13,9 @@ treatment can follow the other reference systems by config (docs/results.md has 
   value_update              dense: optax AdamW over the whole table (its gradient built at N × D_v every step);
                             sparse: only the rows a step touched are read and written (row_adam.py), with dense
                             AdamW's result (skipped steps applied on the next touch and at flush); lazy: plain
-                            lazy AdamW (untouched rows and their moments stand still).  Replicated layout only.
+                            lazy AdamW (untouched rows and their moments stand still).  Every memory layout (each
+                            table shard updates its own rows or columns: value_rows.py); V1 and PKM tables
+                            only (not yet V2's or Memory+'s shared tables).
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 RHO_TAIL = 1e-9  # the catch-up sum stops where ρ^d falls below this
 
@@ -45,9 +46,15 @@ class RowAdamState(nnx.Pytree):
     """One value table's moments and per-row step counts (part of the optimizer state, checkpointed)."""
 
     def __init__(self, values_NxD: jax.Array):
-        self.m = nnx.OptState(jnp.zeros_like(values_NxD))
-        self.v = nnx.OptState(jnp.zeros_like(values_NxD))
-        self.last = nnx.OptState(jnp.zeros(values_NxD.shape[:1], jnp.int32))
+        table = getattr(values_NxD, "sharding", None)  # sharded tables: the moments and counts shard alike
+        rows = None
+        if isinstance(table, NamedSharding):
+            rows = NamedSharding(table.mesh, P(table.spec[0] if len(table.spec) else None))
+        else:
+            table = None
+        self.m = nnx.OptState(jnp.zeros(values_NxD.shape, values_NxD.dtype, device=table))
+        self.v = nnx.OptState(jnp.zeros(values_NxD.shape, values_NxD.dtype, device=table))
+        self.last = nnx.OptState(jnp.zeros(values_NxD.shape[:1], jnp.int32, device=rows))
 
 
 def horizon(b1: float, b2: float) -> int:
@@ -118,7 +125,13 @@ def _catch_up(h: Hyper, p, m, v, last, step):
 def update(h: Hyper, values_NxD, state: RowAdamState, ids_U, grads_UxD, step):
     """One AdamW step (count ``step``, 0-based) of the rows ``ids_U`` (distinct; padding = N) with their
     gradients, after the catch-up of their skipped steps; every other row is left untouched."""
-    m_NxD, v_NxD, last_N = state.m[...], state.v[...], state.last[...]
+    values_NxD, state.m[...], state.v[...], state.last[...] = update_arrays(
+        h, values_NxD, state.m[...], state.v[...], state.last[...], ids_U, grads_UxD, step)
+    return values_NxD
+
+
+def update_arrays(h: Hyper, values_NxD, m_NxD, v_NxD, last_N, ids_U, grads_UxD, step):
+    """``update`` on plain arrays (a table shard inside a ``shard_map``): returns (values, m, v, last)."""
     take = lambda x: jnp.take(x, ids_U, axis=0, mode="fill", fill_value=0)  # noqa: E731
     p, m, v = take(values_NxD), take(m_NxD), take(v_NxD)
     if h.mode == "sparse":
@@ -133,9 +146,7 @@ def update(h: Hyper, values_NxD, state: RowAdamState, ids_U, grads_UxD, step):
     u = m_hat / (jnp.sqrt(v_hat) + h.eps) + h.wd * p
     p = p - lr * u
     put = lambda x, rows: x.at[ids_U].set(rows.astype(x.dtype), mode="drop")  # noqa: E731
-    state.m[...], state.v[...] = put(m_NxD, m), put(v_NxD, v)
-    state.last[...] = last_N.at[ids_U].set(step + 1, mode="drop")
-    return put(values_NxD, p)
+    return put(values_NxD, p), put(m_NxD, m), put(v_NxD, v), last_N.at[ids_U].set(step + 1, mode="drop")
 
 
 def flush(h: Hyper, values_NxD, state: RowAdamState, step):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ultramem_jax import data, row_adam
+from ultramem_jax import data, lookup, row_adam, value_rows
 from ultramem_jax.errors import UsageError
 from ultramem_jax.memory import ValueTap
 from ultramem_jax.optim import clip_factor, make_optimizer, param_labels, value_row_hyper
@@ -22,16 +22,20 @@ def optax_params(optim_cfg):
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("values"))) if optim_cfg.sparse_values else nnx.Param
 
 
-def check_value_update(optim_cfg, layout):
-    if optim_cfg.sparse_values and layout is not None and layout.kind != "replicated":
-        raise UsageError(f"optim.value_update: {optim_cfg.value_update} supports only the replicated memory layout "
-                         f"so far, not {layout.kind}; use optim.value_update=dense")
+def check_value_update(optim_cfg, memory_cfg):
+    """Sparse value updates cover V1 / PKM layers' own tables under every layout; the shared tables (V2's values
+    and pre-values, Memory+'s pool) are not implemented yet."""
+    if not optim_cfg.sparse_values:
+        return
+    if memory_cfg is not None and memory_cfg.kind in ("ultramemv2", "memplus"):
+        raise UsageError(f"optim.value_update: {optim_cfg.value_update} is not implemented for memory.kind "
+                         f"{memory_cfg.kind} (its shared value table) yet; use optim.value_update=dense")
 
 
 def build(cfg, mesh, rules, layout=None):
     """Model and optimizer, created sharded under the mesh; returns graphdefs and states.  With sparse value
     updates the optimizer also holds each table's row state (``value_rows``) and its constants (static)."""
-    check_value_update(cfg.optim, layout)
+    check_value_update(cfg.optim, cfg.model.resolved_memory)
     model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules, layout=layout)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.steps), wrt=optax_params(cfg.optim))
@@ -79,13 +83,13 @@ def _grad_norms(grads) -> dict:
 def _sparse_value_step(model, opt, tokens):
     """Forward, backward and update with row-sparse value tables (row_adam.py): the gradient is taken with
     respect to zero taps on the gathered rows, never the tables; duplicate rows are summed, clipping sees the
-    exact value-table norm, and only the touched rows of the tables and moments are written.
-    Returns (loss, (ce, aux)), gradient norms."""
+    exact value-table norm, and only the touched rows of the tables and moments are written (under a sharded
+    layout, by the shard that owns them: value_rows.py).  Returns (loss, (ce, aux)), gradient norms."""
     hyper = opt.value_hyper
     T = tokens.shape[0] * (tokens.shape[1] - 1)
     for mem in model.memories:
         c = mem.cfg
-        mem.value_tap = ValueTap(jnp.zeros((T, c.heads * c.topk, c.value_dim), mem.values.dtype))
+        mem.value_tap = ValueTap(lookup.new_tap(mem.layout, T, c.heads * c.topk, c.value_dim, mem.values.dtype))
     wrt = opt.wrt
     (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, nnx.Any(wrt, ValueTap)),
                                                   has_aux=True)(model, tokens)
@@ -93,9 +97,9 @@ def _sparse_value_step(model, opt, tokens):
     for mem in model.memories:
         del mem.value_tap
     other = nnx.state(grads, wrt)
-    rows = [row_adam.sum_duplicates(info["rows"], g, mem.cfg.num_values)
+    rows = [value_rows.row_grads(mem.layout, info["rows"], g, mem.cfg.num_values)
             for info, g, mem in zip(aux["memory"], tap_grads, model.memories)]
-    sq = {"values": sum((jnp.sum(jnp.square(g)) for _, g in rows), jnp.zeros((), jnp.float32)),
+    sq = {"values": sum((r[2] for r in rows), jnp.zeros((), jnp.float32)),
           "other": sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(other)),
                        jnp.zeros((), jnp.float32))}
     norms = {"grad_norm": jnp.sqrt(sq["values"] + sq["other"])}
@@ -108,8 +112,8 @@ def _sparse_value_step(model, opt, tokens):
         other = jax.tree.map(lambda g: (g * value_scale).astype(g.dtype), other)
     step = opt.step[...].astype(jnp.int32)
     opt.update(model, other)
-    for mem, state, (ids, g) in zip(model.memories, opt.value_rows, rows):
-        mem.values[...] = row_adam.update(hyper, mem.values[...], state, ids, g * value_scale, step)
+    for mem, state, (ids, g, _) in zip(model.memories, opt.value_rows, rows):
+        mem.values[...] = value_rows.update(mem.layout, hyper, mem.values[...], state, ids, g * value_scale, step)
     return (loss, (ce, aux)), norms
 
 

@@ -24,7 +24,9 @@ over the skipped steps per element:
 exact without ε, and exact to first order in ε/(β_d x) (Padé in ε): the only departure from dense AdamW, of
 relative size (ε/√v̂)² per skipped step while √v̂ ≫ ε, and bounded for rows whose √v̂ is near ε (by convexity
 never larger than dense AdamW's step).  The sums stop after ``horizon(b1, b2)`` terms (ρ^d < 1e-9 beyond,
-ρ = β₁/√β₂); ``tests/test_sparse_update.py`` measures the agreement.
+ρ = β₁/√β₂); ``tests/test_sparse_update.py`` measures the agreement.  B₁ and B₂ cost O(1) per row, not
+O(horizon): divided by A's factor they depend on ``last`` alone once k ≥ horizon (a table over the run's steps,
+built once in float64), and on k alone below it (``horizon`` sums per step, shared by every row).
 
 ``lazy``: plain lazy AdamW (PKM's SparseAdam with decoupled weight decay): untouched rows and their moments
 stay as they are; a touched row takes one AdamW step with its stale moments and the global bias correction.
@@ -79,7 +81,26 @@ class Hyper:
         lr = np.asarray(jax.device_get(jax.vmap(schedule)(jnp.asarray(steps))), np.float64)
         self.lr_table = lr.astype(np.float32)
         # log_decay[i] = Σ_{j<i} log(1 − lr_j·wd), in float64 before the cast (a run never steps past its table)
-        self.log_decay = np.concatenate([[0.0], np.cumsum(np.log1p(-lr * weight_decay))]).astype(np.float32)
+        log_decay = np.concatenate([[0.0], np.cumsum(np.log1p(-lr * weight_decay))])
+        self.log_decay = log_decay.astype(np.float32)
+        # per skipped step j: lr_j·√ĉ2_j/ĉ1_j and lr_j·ĉ2_j/ĉ1_j (the momentum sum's B₁ and B₂ terms)
+        j = np.arange(total_steps + 1 + self.horizon)
+        lr_j = lr[np.minimum(j, total_steps)]
+        c1, c2 = 1 - b1 ** (j + 1.0), 1 - b2 ** (j + 1.0)
+        terms = (lr_j * np.sqrt(c2) / c1, lr_j * c2 / c1)
+        self.term_tables = tuple(t.astype(np.float32) for t in terms)
+        # a row untouched for k ≥ horizon steps since ``last``: B₁ and B₂ over its whole horizon, relative to
+        # the decay up to ``last`` (coef_a carries the rest), one entry per ``last`` (float64 before the cast)
+        decay_at = lambda i: log_decay[np.minimum(i, total_steps + 1)]  # noqa: E731
+        last = np.arange(total_steps + 2)
+        full = [np.zeros(last.shape), np.zeros(last.shape)]
+        ratios = (b1 / math.sqrt(b2), b1 / b2)
+        for d in range(1, self.horizon + 1):
+            jj = last + d - 1
+            decay = np.exp(decay_at(last) - decay_at(jj + 1))
+            for i in (0, 1):
+                full[i] += ratios[i] ** d * terms[i][np.minimum(jj, len(j) - 1)] * decay
+        self.full_tables = tuple(f.astype(np.float32) for f in full)
 
 
 def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
@@ -94,28 +115,30 @@ def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
 
 def _catch_up(h: Hyper, p, m, v, last, step):
     """Rows (p, m, v with per-row ``last``) brought from step ``last`` up to ``step`` (exclusive) as dense AdamW
-    would with zero gradients.  The B sum runs over d < min(max k, horizon), vectorised over rows."""
+    would with zero gradients.  B₁, B₂ take O(1) per row: rows absent for ≥ horizon steps read a table indexed
+    by ``last`` (Hyper.full_tables); the rest share this step's ``horizon`` possible sums (k = 1 … horizon − 1),
+    computed once per call."""
     k = step - last
     b1, b2 = jnp.float32(h.b1), jnp.float32(h.b2)
-    rho = jnp.float32(h.b1 / math.sqrt(h.b2))
     lr_tab, log_decay = jnp.asarray(h.lr_table), jnp.asarray(h.log_decay)
     n_tab = lr_tab.shape[0]
-    decay_at = lambda i: log_decay[jnp.minimum(i, n_tab)]  # noqa: E731
-    lr_at = lambda j: lr_tab[jnp.minimum(j, n_tab - 1)]  # noqa: E731
+    decay_at = lambda i: log_decay[jnp.clip(i, 0, n_tab)]  # noqa: E731
     end = decay_at(step)
-
-    def terms(d, acc):
-        j = last + d - 1  # the skipped step, 0-based
-        c1 = 1 - b1 ** (j + 1).astype(jnp.float32)
-        c2 = 1 - b2 ** (j + 1).astype(jnp.float32)
-        df = d.astype(jnp.float32)
-        w = jnp.where(d <= k, lr_at(j) * jnp.exp(end - decay_at(j + 1)) / c1, 0.0)
-        return acc[0] + w * rho ** df * jnp.sqrt(c2), acc[1] + w * (b1 / b2) ** df * c2
-
-    n_terms = jnp.minimum(jnp.max(k, initial=0), h.horizon)
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    coef_b1, coef_b2 = jax.lax.fori_loop(1, n_terms + 1, terms, (zeros, zeros))
+    ratios = (h.b1 / math.sqrt(h.b2), h.b1 / h.b2)
+    # recent: for k = 0 … H−1 (last = step − k), Σ_{d ≤ k} ratio^d · term_j · exp(D[last] − D[j+1]), j = last+d−1
+    H = h.horizon
+    k_H = jnp.arange(H)[:, None]
+    d_H = jnp.arange(1, H + 1)[None, :]
+    j_HxH = jnp.clip(step - k_H + d_H - 1, 0, h.term_tables[0].shape[0] - 1)
+    decay_HxH = jnp.where(d_H <= k_H, jnp.exp(decay_at(step - k_H) - decay_at(step - k_H + d_H)), 0.0)
+    coefs = []
+    for ratio, terms, full in zip(ratios, h.term_tables, h.full_tables):
+        powers = jnp.asarray(ratio ** np.arange(1, H + 1), jnp.float32)[None, :]
+        recent_H = jnp.sum(powers * jnp.asarray(terms)[j_HxH] * decay_HxH, axis=1)
+        coefs.append(jnp.where(k >= H, jnp.asarray(full)[jnp.clip(last, 0, full.shape[0] - 1)],
+                               recent_H[jnp.clip(k, 0, H - 1)]))
     coef_a = jnp.exp(end - decay_at(last))
+    coef_b1, coef_b2 = coef_a * coefs[0], coef_a * coefs[1]
     kf = k.astype(jnp.float32)[:, None]
     eps = h.eps * jnp.where(coef_b1 > 0, coef_b2 / jnp.where(coef_b1 > 0, coef_b1, 1.0), 1.0)[:, None]
     p = coef_a[:, None] * p - coef_b1[:, None] * (m / (jnp.sqrt(v) + eps))

@@ -41,3 +41,14 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed} (rerun with ULTRAMEM_TEST_SEED={seed})")
     return np.random.default_rng(seed)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest first, so that the two xdist workers finish together: the end-to-end tests (`slow`, each one or
+    more train.py processes) go before the quick ones, which then fill the gaps; the two-process run, the longest
+    single test, goes first of all. Order within each group is kept."""
+    def rank(item):
+        if item.nodeid.startswith("tests/test_multiprocess.py"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+    items.sort(key=rank)  # stable

@@ -239,6 +239,7 @@ def _train_cfg(model, layout_cfg, mesh_cfg):
 TABLE_SPECS = {"number_wise": P("tensor", None), "dimension_wise": P(None, "tensor"), "hybrid": P("fsdp", "tensor")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(MODELS))
 def test_train_steps_under_each_layout_match_one_device(rng, model):
     """Three optimizer steps (forward, gradients, updates of the shared tables) under each layout give the
@@ -253,6 +254,7 @@ def test_train_steps_under_each_layout_match_one_device(rng, model):
             assert arr.sharding.is_equivalent_to(NamedSharding(arr.sharding.mesh, spec), arr.ndim), (name, table)
 
 
+@pytest.mark.slow
 def test_shared_table_checkpoint_restores_under_another_layout(tmp_path, rng):
     """V2's shared P and V saved number-wise on 2×4 restore column-split on 1×8 and on one device, and
     training continues as it would have."""

@@ -94,7 +94,6 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens
     d_total, n_cores = values_NxD.shape[1], scores_TxKxC.shape[-1]
     d_out = out_proj_ExDxO.shape[-1] if out_proj_ExDxO is not None else d_total
-    mesh_shape = dict(jax.sharding.get_abstract_mesh().shape)
 
     slice_before_gather = not set(gather_axes) & set(C)  # then every gathered token needs the same cores
     cols_split_tokens = bool(set(C) & set(B))  # then per-token inputs come in whole and move in the body
@@ -120,10 +119,9 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     def peer_columns(width):
         """The columns each member of the gather group holds, member by member (the group's all_gather order):
         this shard's column index with the gather axes' coordinates replaced by the member's."""
-        c_sizes = [mesh_shape[a] for a in C]
+        c_sizes, g_sizes = [jax.lax.axis_size(a) for a in C], [jax.lax.axis_size(a) for a in gather_axes]
         stride = {a: math.prod(c_sizes[i + 1:]) for i, a in enumerate(C)}
-        coords = np.unravel_index(np.arange(math.prod(mesh_shape[a] for a in gather_axes)),
-                                  [mesh_shape[a] for a in gather_axes])
+        coords = np.unravel_index(np.arange(math.prod(g_sizes)), g_sizes)
         base = jax.lax.axis_index(C) - sum(jax.lax.axis_index(a) * stride[a] for a in gather_axes)
         shard_G = base + jnp.asarray(sum(c * stride[a] for c, a in zip(coords, gather_axes)), jnp.int32)
         return (shard_G[:, None] * width + jnp.arange(width)).reshape(-1)

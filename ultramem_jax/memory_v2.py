@@ -13,7 +13,8 @@ stream after that block, in parallel with the FFN):
     y = W_o concat_c Σ_k g_k · s_k⁽ᶜ⁾ · V[row_k, c-th slice]   one projection D_v → D (MCS slices as in V1)
 
 P (rows × D_p) and V (rows × D_v) live in ``SharedValueTable``, one module for the whole model, passed to every
-layer's call.  The weighted gather is V1's (``lookup.memory_lookup`` with one block), so its kernels apply.
+layer's call.  The pre-value dot and the weighted gather are one op, ``kernels.pre_value_gather`` (XLA reference
+or the fused Pallas kernel, pallas_kernels/pre_value_gather.py).
 
 Where the released code differs (anchors-2026.md §1.3): its "query per Tucker rank" indexes the query so that
 both sides' rank-a scores use row-side queries and the column-side half of W_q never gets a gradient; here
@@ -93,11 +94,9 @@ class UltraMemV2Layer(UltraMemLayer):
         K = cfg.heads * cfg.topk
         local_TxK = (ids_TxHxM % cfg.num_values).reshape(-1, K)
         rows_TxK = table_share.physical_rows(local_TxK, self.offset, cfg.table_rows)
-        dt = scores_TxHxMxC.dtype
         pre_TxP = x_TxD @ self.pre_proj[...].astype(x_TxD.dtype)
-        pre_rows_TxKxP = jnp.take(table.pre_values[...], rows_TxK, axis=0).astype(dt)
-        gate_TxK = jnp.einsum("tkp,tp->tk", pre_rows_TxKxP, pre_TxP.astype(dt))
-        weights_TxKxC = scores_TxHxMxC.reshape(-1, K, cfg.cores) * gate_TxK[..., None]
-        out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...], rows_TxK, weights_TxKxC,
-                                       cfg.table_rows, 1, impl=self.impl)
+        # pre-value dots and weighted value sum in one gather: each selected P and V row is read once
+        pooled_TxV = kernels.pre_value_gather(table.pre_values[...], table.values[...], rows_TxK, pre_TxP,
+                                              scores_TxHxMxC.reshape(-1, K, cfg.cores), impl=self.impl)
+        out_TxD = pooled_TxV @ self.out_proj[0].astype(pooled_TxV.dtype)
         return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMxC, local_TxK, balance)

@@ -435,6 +435,14 @@ def test_gpu_gather_pool_on_gpu(rng, shape):
 
 @pytest.mark.gpu_only
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (ULTRAMEM_TEST_ACCELERATOR=1)")
+@pytest.mark.parametrize("shape", PVG_SHAPES + [(1000, 128, 1 << 16, 128, 384, 2)])
+def test_gpu_pre_value_gather_on_gpu(rng, shape):
+    with jax.default_matmul_precision("highest"):  # the reference's einsums would otherwise run in TF32
+        _check_pvg(lambda *a: pvg_kernel.pre_value_gather(*a, "gpu", False), rng, *shape)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (ULTRAMEM_TEST_ACCELERATOR=1)")
 @pytest.mark.parametrize("case", SEARCH_CASES + [(300, 2, 128, 1024, 2, 2, 64, 64, False)])
 def test_gpu_key_search_on_gpu(rng, case):
     T, H, D, n, R, C, P, M, additive = case

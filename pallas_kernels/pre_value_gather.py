@@ -8,11 +8,13 @@ fallback):
     out[t, slice c]    = Σ_k g[t,k] · scores[t,k,c] · V[rows[t,k], slice c]
 
 Each selected P row and V row is read once per pass (forward, backward); the T×K×D_p and T×K×D_v gathered
-tensors that XLA materialises never exist.  The forward also returns g (T×K, small) for the backward, which
+rows that XLA materialises never exist (the TPU backward does write T·K × D contributions for its sorted
+segment-sum, below, as V1's gather-pool backward does).  The forward also returns g (T×K, small) for the backward, which
 then needs no second read of P to recompute it.  With G = dL/dout:
 
-    h[t,k,c]   = <G[t, slice c], V[row, slice c]>      dScores = g·h        dg = Σ_c s_c·h
-    dPre[t]    = Σ_k dg[t,k] · P[row]                  dP[row] += dg·pre[t]  dV[row, slice c] += g·s_c·G[t, slice c]
+    h[t,k,c] = <G[t, slice c], V[row, slice c]>     dScores = g·h      dg = Σ_c s_c·h
+    dPre[t]  = Σ_k dg[t,k] · P[row]                 dP[row] += dg·pre[t]
+    dV[row, slice c] += g·s_c·G[t, slice c]
 
 TPU: organised as ``gather_pool.py``'s kernel (row ids scalar-prefetched to SMEM in chunks, all rows of an
 8-token tile DMA'd from HBM at once into (bt, K, 1, D) buffers, then token by token on the MXU): g = pre · Pᵀ

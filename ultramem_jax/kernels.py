@@ -65,7 +65,8 @@ def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int,
 def xla_pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC):
     """UltraMemV2's weighted gather (anchors-2026.md §1.3), the reference of ``pallas_kernels.pre_value_gather``:
 
-        g[t, k] = <P[rows[t,k]], pre[t]>,   out[t, c-th slice] = Σ_k g[t,k] · scores[t,k,c] · V[rows[t,k], c-th slice]
+        g[t, k] = <P[rows[t,k]], pre[t]>
+        out[t, c-th slice] = Σ_k g[t,k] · scores[t,k,c] · V[rows[t,k], c-th slice]
 
     ``pre`` is W_pre x (T × D_p).  Returns T × D_v in the scores' dtype; the gathered rows are cast to it.
     This reference gathers T×K×D_p and T×K×D_v rows; its gradients w.r.t. the tables are scatter-adds.

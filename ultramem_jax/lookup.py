@@ -72,6 +72,13 @@ def _spec(axes):
     return axes if len(axes) > 1 else (axes[0] if axes else None)
 
 
+def fused_prevalue_lookup(pre_values_NxP, values_NxD, out_proj_1xDxO, rows_TxK, pre_x_TxP, scores_TxKxC, impl):
+    """UltraMemV2 where one shard holds whole P rows: the pre-value dots and the weighted sum in one gather
+    (``kernels.pre_value_gather``: each selected P and V row read once), then the single projector."""
+    pooled_TxD = kernels.pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_x_TxP, scores_TxKxC, impl)
+    return pooled_TxD @ out_proj_1xDxO[0].astype(pooled_TxD.dtype)
+
+
 def _scaled(scores_TxKxC, dots_TxK):
     return scores_TxKxC * dots_TxK[..., None].astype(scores_TxKxC.dtype)
 
@@ -86,7 +93,8 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     """
     if layout is None or layout.kind == "replicated":
         if pre_values_NxP is not None:
-            scores_TxKxC = _scaled(scores_TxKxC, prevalue_dots(pre_values_NxP, ids_TxK % num_values, pre_x_TxP))
+            return fused_prevalue_lookup(pre_values_NxP, values_NxD, out_proj_ExDxO, ids_TxK % num_values,
+                                         pre_x_TxP, scores_TxKxC, impl)
         return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl,
                             gate_TxD)
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
@@ -146,10 +154,13 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             mine = (local >= 0) & (local < n_loc)
             rows = jnp.where(mine, local, 0)
             scores = jnp.where(mine[..., None], scores, 0)
-        if pre_values_loc is not None:  # a row shard owns whole P rows; column shards sum T×K partial dots
-            dots = prevalue_dots(pre_values_loc, rows, pre_x)
-            scores = _scaled(scores, jax.lax.psum(dots, C) if C else dots)
-        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl, gate)
+        if pre_values_loc is not None and not C:  # a row shard owns whole P rows: the fused gather
+            out = fused_prevalue_lookup(pre_values_loc, values_loc, out_proj_loc, rows, pre_x, scores, impl)
+        else:
+            if pre_values_loc is not None:  # column shards sum T×K partial dots before weighting
+                scores = _scaled(scores, jax.lax.psum(prevalue_dots(pre_values_loc, rows, pre_x), C))
+            out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl,
+                               gate)
         if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
             zeros = jnp.zeros((out.shape[0], d_out), out.dtype)
             out = jax.lax.dynamic_update_slice_in_dim(zeros, out, col0, axis=1)

@@ -14,7 +14,8 @@ stream after that block, in parallel with the FFN):
 
 P (rows × D_p) and V (rows × D_v) live in ``SharedValueTable``, one module for the whole model, passed to every
 layer's call.  The weighted gather is V1's (``lookup.memory_lookup`` with one block, which also takes the pre-value
-dot), so its kernels and table layouts apply.
+dot), so its table layouts apply; where a shard holds whole P rows it runs the fused pre-value gather
+(``kernels.pre_value_gather``, pallas_kernels/pre_value_gather.py).
 
 Where the released code differs (anchors-2026.md §1.3): its "query per Tucker rank" indexes the query so that
 both sides' rank-a scores use row-side queries and the column-side half of W_q never gets a gradient; here

@@ -222,9 +222,6 @@ MODELS = {  # two memory layers, so V2's windows of the one table and Memory+'s 
     # second wrapping around the table's end (the ring): the layers share rows
     "v2_shared": MemoryConfig.ultramemv2(num_keys=8, key_dim=8, value_dim=16, pre_value_dim=8, topk=4,
                                          share_ratio=1.0),
-    # share_ratio 1/2: each layer reads its own 64 rows, no sharing
-    "v2_unshared": MemoryConfig.ultramemv2(num_keys=8, key_dim=8, value_dim=16, pre_value_dim=8, topk=4,
-                                           share_ratio=0.5),
     "memplus": MemoryConfig.memplus(num_keys=8, key_dim=8, value_dim=16, heads=2, topk=4),
 }
 
@@ -240,13 +237,15 @@ TABLE_SPECS = {"number_wise": P("tensor", None), "dimension_wise": P(None, "tens
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", ["v2_shared", "memplus"])
 def test_train_steps_under_each_layout_match_one_device(rng, model):
-    """Three optimizer steps (forward, gradients, updates of the shared tables) under each layout give the
-    single-device losses, with the shared tables split as the layout says."""
+    """Three optimizer steps (forward, gradients, updates of the shared tables) under the hybrid layout (rows and
+    columns split at once) give the single-device losses, with the shared tables split as the layout says. Each
+    layout's forward and gradients are checked at the lookup above; this checks the model and optimizer around
+    it (one layout keeps `make test` short)."""
     tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
     want, _, _ = _run_steps(_train_cfg(model, {}, {"data": 1, "fsdp": 1, "tensor": 1}), 3, tokens)
-    for name, spec in TABLE_SPECS.items():
+    for name, spec in [("hybrid", TABLE_SPECS["hybrid"])]:
         got, ms, _ = _run_steps(_train_cfg(model, LAYOUTS[name], FSDP), 3, tokens)
         np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
         for table in ("values", "pre_values") if model != "memplus" else ("values",):
@@ -255,7 +254,7 @@ def test_train_steps_under_each_layout_match_one_device(rng, model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["v2_shared", "memplus"])
+@pytest.mark.parametrize("model", ["v2_shared"])  # Memory+'s pool is one table, as V1's (tests/test_sharding.py)
 def test_shared_table_checkpoint_restores_under_another_layout(tmp_path, rng, model):
     """V2's shared P and V (Memory+'s pool) saved number-wise on 2×4 restore column-split on 1×8 and on one
     device, and training continues as it would have."""

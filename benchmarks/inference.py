@@ -86,9 +86,8 @@ def shared_table_rows(aux, cfg) -> np.ndarray:
     mem = cfg.resolved_memory
     rows = []
     for index, layer in enumerate(aux["memory"]):
-        local = np.asarray(layer["rows"]).astype(np.int64)
         offset = table_share.window_offset(mem, index) if mem.is_v2 else 0
-        rows.append((local + offset) % mem.table_rows)
+        rows.append(np.asarray(table_share.physical_rows(layer["rows"], offset, mem.table_rows)))
     return np.unique(np.concatenate([r.ravel() for r in rows]))
 
 

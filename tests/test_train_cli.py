@@ -9,13 +9,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.memory.num_keys=16",
          "model.memory.key_dim=8", "model.memory.value_dim=16", "model.memory.topk=4", "model.memory_placement=0:1",
          "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0"]
 # one CPU device per process (no fake devices), compiled as quickly as conftest.py does
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
 
 pytestmark = pytest.mark.slow
 

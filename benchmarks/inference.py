@@ -40,13 +40,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from ultramem_jax import table_share  # noqa: E402
 from ultramem_jax.generate import Generator, Sampling, decode_logits  # noqa: E402
 from ultramem_jax.params import param_counts  # noqa: E402
 from ultramem_jax.train_config import load_config  # noqa: E402
 from ultramem_jax.transformer import create_model  # noqa: E402
 
 QUICK = [("dense", "tiny-dense", []), ("dense, wide FFN", "tiny-dense-wide", []), ("MoE-2in24", "tiny-moe-2in24", []),
-         ("UltraMem-x12", "tiny-x12", [])]
+         ("UltraMem-x12", "tiny-x12", []), ("UltraMemV2", "tiny-v2", []), ("Memory+", "tiny-memplus", [])]
 FULL = [("dense", "dense-151m", []), ("MoE-2in51", "moe-151m-2in51", []),
         ("UltraMem-x12", "ultramem-151m-x12", []),
         ("UltraMem-x12 (XLA ops)", "ultramem-151m-x12", ["model.memory.kernels=xla"])]
@@ -67,6 +68,8 @@ def bytes_read_per_step(params, aux, cfg, cache_bytes: int) -> int:
         if "memories" in keys and "values" in keys:
             rows = np.asarray(aux["memory"][keys[keys.index("memories") + 1]]["rows"])
             total += len(np.unique(rows)) * leaf.shape[-1] * leaf.dtype.itemsize
+        elif "memory_table" in keys:  # V2's shared pre-value / value tables, Memory+'s pool: rows any layer read
+            total += len(shared_table_rows(aux, cfg)) * leaf.shape[-1] * leaf.dtype.itemsize
         elif cfg.moe is not None and "ffn" in keys and keys[-2] in ("w_gate", "w_up", "w_down"):
             block = keys[keys.index("blocks") + 1]
             if block not in moe_used:
@@ -75,6 +78,17 @@ def bytes_read_per_step(params, aux, cfg, cache_bytes: int) -> int:
         else:
             total += nbytes
     return total
+
+
+def shared_table_rows(aux, cfg) -> np.ndarray:
+    """The rows of the one shared table that any memory layer read: V2's layers report rows of their own ring
+    window (table_share.py), Memory+'s rows of the whole pool."""
+    mem = cfg.resolved_memory
+    rows = []
+    for index, layer in enumerate(aux["memory"]):
+        offset = table_share.window_offset(mem, index) if mem.is_v2 else 0
+        rows.append(np.asarray(table_share.physical_rows(layer["rows"], offset, mem.table_rows)))
+    return np.unique(np.concatenate([r.ravel() for r in rows]))
 
 
 def cached_step_routing(gen: Generator, prompts_BxP: np.ndarray):

@@ -1,11 +1,12 @@
-"""Times the memory layer's two hot ops, XLA reference against Pallas kernel, forward and forward+backward.
+"""Times the memory layers' hot ops, XLA reference against Pallas kernel, forward and forward+backward.
 
     python benchmarks/kernels.py                 # the sizes below on this machine's default backend
     python benchmarks/kernels.py --quick         # two small sizes (CPU: interpret mode, a few minutes)
     python benchmarks/kernels.py --markdown docs/results/kernels.md
 
 Per size it prints the time of each path, the bytes floor (what any implementation must move: row ids and
-scores read, the m·D_v value rows read, the output written; for the search the queries, keys and winners),
+scores read, the m·D_v value rows read (V2's pre-value gather: also the m·D_p pre-value rows and the W_pre x
+input), the output written; for the search the queries, keys and winners),
 the achieved GB/s against that floor, and the kernel/XLA time ratio.  It also measures this device's plain
 copy bandwidth (x → x + 1 on a large array) for comparison.
 
@@ -34,6 +35,9 @@ POOL_SIZES = [(1024, 64, 1 << 16, 256, 4, 2), (4096, 128, 1 << 18, 384, 4, 2), (
 SEARCH_SIZES = [(1024, 2, 128, 512, 2, 2, 32, 64), (4096, 2, 192, 1024, 2, 2, 64, 64),
                 (16384, 2, 256, 2048, 2, 2, 64, 64)]
 QUICK_POOL = [(64, 32, 4096, 128, 4, 2), (128, 64, 16384, 256, 4, 2)]
+# UltraMemV2's pre-value gather: tokens, selected rows per token, physical rows, D_p, D_v (1 : 3), cores
+PVG_SIZES = [(4096, 128, 1 << 18, 128, 384, 2)]
+QUICK_PVG = [(64, 32, 4096, 32, 96, 2)]
 QUICK_SEARCH = [(64, 2, 64, 128, 2, 2, 16, 16), (128, 2, 64, 256, 2, 2, 32, 32)]
 
 
@@ -59,6 +63,21 @@ def pool_case(size, impl, rng, repeats):
         grad = jax.jit(jax.grad(lambda v, s, w=which: jnp.sum(kernels.gather_pool(v, rows, blocks, s, E, w) ** 2),
                                 (0, 1)))
         out[name] = (timed(fwd, values, scores, repeats=repeats), timed(grad, values, scores, repeats=repeats))
+    return floor, out
+
+
+def pvg_case(size, impl, rng, repeats):
+    T, K, N, Dp, Dv, C = size
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    args = (f(N, Dp), f(N, Dv), f(T, Dp), f(T, K, C))
+    rows = jnp.asarray(rng.integers(0, N, (T, K)), jnp.int32)
+    floor = T * K * (4 + 4 * C) + T * Dp * 4 + T * K * (Dp + Dv) * 4 + T * Dv * 4
+    out = {}
+    for name, which in (("xla", "xla"), ("kernel", impl)):
+        op = lambda p, v, x, s, w=which: kernels.pre_value_gather(p, v, rows, x, s, w)  # noqa: E731
+        fwd = jax.jit(op)
+        grad = jax.jit(jax.grad(lambda *a, op=op: jnp.sum(op(*a) ** 2), (0, 1, 2, 3)))
+        out[name] = (timed(fwd, *args, repeats=repeats), timed(grad, *args, repeats=repeats))
     return floor, out
 
 
@@ -101,12 +120,14 @@ def main(argv=None):
              "| XLA fwd+bwd ms | kernel fwd+bwd ms | kernel/XLA fwd+bwd |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     cases = [("gather_pool", s, pool_case) for s in (QUICK_POOL if quick else POOL_SIZES)]
+    cases += [("pre_value_gather", s, pvg_case) for s in (QUICK_PVG if quick else PVG_SIZES)]
     cases += [("key_search", s, search_case) for s in (QUICK_SEARCH if quick else SEARCH_SIZES)]
     print("\n".join(lines), flush=True)
     for op, size, run in cases:
         floor, t = run(size, impl, rng, repeats)
         (xf, xb), (kf, kb) = t["xla"], t["kernel"]
-        label = ("T={} K={} N={} D={} E={} C={}" if op == "gather_pool" else "T={} H={} Dk={} n={} r={} C={} P={} m={}")
+        label = {"gather_pool": "T={} K={} N={} D={} E={} C={}", "pre_value_gather": "T={} K={} N={} Dp={} Dv={} C={}",
+                 "key_search": "T={} H={} Dk={} n={} r={} C={} P={} m={}"}[op]
         line = (f"| {op} | {label.format(*size)} | {floor / 1e6:.2f} MB | {xf:.2f} | {kf:.2f} | "
                 f"{floor / xf / 1e6:.2f} | {floor / kf / 1e6:.2f} | {kf / xf:.2f} | {xb:.2f} | {kb:.2f} | "
                 f"{kb / xb:.2f} |")

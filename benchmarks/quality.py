@@ -1,4 +1,5 @@
-"""Benchmark c: dense vs MoE vs UltraMem at matched activated parameters, trained on the same tokens, over seeds.
+"""Benchmark c: dense vs MoE vs UltraMem (V1, V2) and Memory+ at matched activated parameters, trained on the same
+tokens, over seeds.
 
     python benchmarks/quality.py                      # quick: 400 steps x 16 x 128 tokens, seeds 0,1,2 (2 CPU cores)
     python benchmarks/quality.py --full               # 4000 steps x 32 x 256 tokens (hours on CPU, minutes on a GPU)
@@ -23,8 +24,8 @@ import common  # noqa: E402
 from ultramem_jax.params import param_counts  # noqa: E402
 from ultramem_jax.train_config import load_config  # noqa: E402
 
-MODELS = [("UltraMem-x12", "tiny-x12"), ("MoE-2in24", "tiny-moe-2in24"), ("dense", "tiny-dense"),
-          ("dense, wide FFN", "tiny-dense-wide")]
+MODELS = [("UltraMem-x12", "tiny-x12"), ("UltraMemV2", "tiny-v2"), ("Memory+", "tiny-memplus"),
+          ("MoE-2in24", "tiny-moe-2in24"), ("dense", "tiny-dense"), ("dense, wide FFN", "tiny-dense-wide")]
 REFERENCE = "dense, wide FFN"  # same activated parameters as UltraMem-x12 and MoE-2in24
 
 
@@ -34,7 +35,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--steps", type=int, default=0, help="override the mode's step count")
     p.add_argument("--dataset", default="", help="train.py data.dataset (default: the GCIDE dictionary, bytes)")
-    p.add_argument("--models", default="", help="comma-separated presets to run (default: all four)")
+    p.add_argument("--models", default="", help="comma-separated presets to run (default: all six)")
     p.add_argument("--first-seed-only", default="", help="comma-separated presets run on the first seed only "
                    "(a cheaper table: e.g. the backbone-only dense model)")
     p.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench"))

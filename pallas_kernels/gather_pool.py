@@ -38,13 +38,6 @@ SMEM_ROW_IDS = 8192  # row ids prefetched to SMEM per kernel call (32 KiB)
 GPU_FWD_COLS, GPU_BWD_COLS = 32, 256
 
 
-def _core_lanes(off, w, C, D, shape):
-    """For each core c, which lanes of the column chunk [off, off + w) lie in its value slice (``shape``: the
-    lane iota's shape, lanes on the last axis)."""
-    lane = off + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
-    return [(lane >= c * (D // C)) & (lane < (c + 1) * (D // C)) for c in range(C)]
-
-
 # ---- TPU --------------------------------------------------------------------------------------------------
 def _tpu_kernel(rows_sref, blocks_ref, scores_ref, values_hbm, out_ref, buf, sems, *, bt, K, C, E):
     i = pl.program_id(0)
@@ -59,7 +52,7 @@ def _tpu_kernel(rows_sref, blocks_ref, scores_ref, values_hbm, out_ref, buf, sem
 
     jax.lax.fori_loop(0, bt, start_token, 0)  # every row of the tile in flight before any wait
     block_iota = jax.lax.broadcasted_iota(jnp.int32, (E, K), 0)
-    in_core = _core_lanes(0, D, C, D, (E, D))
+    in_core = common.core_lanes(0, D, C, D, (E, D))
     for j in range(bt):
         def wait_row(k, _, j=j):
             common.tpu().make_async_copy(values_hbm.at[pl.ds(0, 1)], buf.at[j, k], sems.at[j]).wait()
@@ -119,30 +112,13 @@ def _xla_backward(values, rows, blocks, scores, g_TxExD):
 
 
 # ---- GPU --------------------------------------------------------------------------------------------------
-def _column_chunks(D: int, widest: int):
-    """[(offset, width)] covering [0, D) with power-of-two widths (Triton tiles) of at most ``widest``."""
-    chunks, off = [], 0
-    for bit in reversed(range(D.bit_length())):
-        if D & (1 << bit):
-            w = 1 << bit
-            for _ in range(max(1, w // widest)):
-                chunks.append((off, min(w, widest)))
-                off += min(w, widest)
-    return chunks
-
-
-def _lane_weights(s_refs_row, off, w, C, D):
-    """Per (row, lane) weight: the score of the core whose value slice holds that lane.  Kp × w."""
-    return sum(jnp.where(m, s[:, None], 0.0) for m, s in zip(_core_lanes(off, w, C, D, (1, w)), s_refs_row))
-
-
 def _gpu_forward_kernel(rows_ref, blocks_ref, scores_ref, values_ref, out_ref, *, C, E, D):
     t = pl.program_id(0)
     rows, blocks = rows_ref[t, :], blocks_ref[t, :]
     s = [scores_ref[t, c, :].astype(jnp.float32) for c in range(C)]
-    for off, w in _column_chunks(D, GPU_FWD_COLS):
+    for off, w in common.column_chunks(D, GPU_FWD_COLS):
         vals = values_ref[rows, pl.ds(off, w)].astype(jnp.float32)
-        weighted = _lane_weights(s, off, w, C, D) * vals
+        weighted = common.lane_weights(s, off, w, C, D) * vals
         for e in range(E):
             out_ref[t, e, pl.ds(off, w)] = jnp.sum(jnp.where(blocks[:, None] == e, weighted, 0.0),
                                                    axis=0).astype(out_ref.dtype)
@@ -158,8 +134,8 @@ def _gpu_backward_kernel(rows_ref, blocks_ref, scores_ref, values_ref, g_ref, ze
         row, block = rows_ref[t, k], blocks_ref[t, k]
         s = [scores_ref[t, k, c].astype(jnp.float32) for c in range(C)]
         d_scores = [jnp.float32(0.0)] * C
-        for off, w in _column_chunks(D, GPU_BWD_COLS):
-            in_core = _core_lanes(off, w, C, D, (w,))
+        for off, w in common.column_chunks(D, GPU_BWD_COLS):
+            in_core = common.core_lanes(off, w, C, D, (w,))
             g_row = g_ref[t, block, pl.ds(off, w)].astype(jnp.float32)
             prod = g_row * values_ref[row, pl.ds(off, w)].astype(jnp.float32)
             d_scores = [d + jnp.sum(jnp.where(m, prod, 0.0)) for d, m in zip(d_scores, in_core)]
@@ -180,18 +156,14 @@ def _gpu_inputs(rows, blocks, scores, num_blocks):
             common.pad_to(jnp.swapaxes(scores, 1, 2), (T, scores.shape[-1], Kp)))
 
 
-def _whole(shape):
-    return pl.BlockSpec(shape, lambda t: (0,) * len(shape))
-
-
 def _gpu_forward(values, rows, blocks, scores, num_blocks, interpret):
     T, C, D = rows.shape[0], scores.shape[-1], values.shape[1]
     args = (*_gpu_inputs(rows, blocks, scores, num_blocks), values)
     return pl.pallas_call(
         functools.partial(_gpu_forward_kernel, C=C, E=num_blocks, D=D),
         grid=(T,),
-        in_specs=[_whole(a.shape) for a in args],
-        out_specs=_whole((T, num_blocks, D)),
+        in_specs=[common.whole(a.shape) for a in args],
+        out_specs=common.whole((T, num_blocks, D)),
         out_shape=jax.ShapeDtypeStruct((T, num_blocks, D), scores.dtype),
         compiler_params=common.triton_params(num_warps=4),
         interpret=interpret,
@@ -206,8 +178,8 @@ def _gpu_backward(values, rows, blocks, scores, g_TxExD, interpret):
     d_values, d_scores = pl.pallas_call(
         functools.partial(_gpu_backward_kernel, K=K, C=C, D=D),
         grid=(T,),
-        in_specs=[_whole(a.shape) for a in args],
-        out_specs=[_whole(values.shape), _whole(scores.shape)],
+        in_specs=[common.whole(a.shape) for a in args],
+        out_specs=[common.whole(values.shape), common.whole(scores.shape)],
         out_shape=[jax.ShapeDtypeStruct(values.shape, jnp.float32), jax.ShapeDtypeStruct(scores.shape, jnp.float32)],
         input_output_aliases={5: 0},
         compiler_params=common.triton_params(num_warps=4),

@@ -98,8 +98,11 @@ def test_eval_restore_verifies_and_never_moves(tmp_path, rng, capsys):
     assert step == 1 and sorted(os.listdir(ckpt.directory)) == ["1", "2"]
     np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(states[1][0]["w"]))
     assert capsys.readouterr().err.count("\n") == 1
-    with pytest.raises(UsageError, match="step 2: params: checksum mismatch"):
+    # 100 flipped bytes fail the checksum, or, when they land in TensorStore's own framing, the read itself
+    # (seen in one full-suite run on 2026-11-30): either way one error naming step 2, and nothing is moved
+    with pytest.raises(UsageError, match=r"step 2: (params: checksum mismatch|.*Error reading)"):
         ro.restore_params(abstract_like(states[1][0]), step=2)
+    assert sorted(os.listdir(ckpt.directory)) == ["1", "2"]
 
 
 MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.memory.num_keys=16",

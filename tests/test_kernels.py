@@ -1,5 +1,6 @@
 """Pallas kernels against their XLA reference ops (interpret mode on CPU), lowered for TPU and GPU from this host,
 inside the shard_map layouts, and through the memory layer.  Real-GPU numerics run under the gpu_only marker."""
+import dataclasses
 import functools
 import platform
 
@@ -14,6 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import common
 from pallas_kernels import gather_pool as gp_kernel
 from pallas_kernels import key_search as ks_kernel
+from pallas_kernels import pre_value_gather as pvg_kernel
 from ultramem_jax import MemoryConfig, ive, kernels, key_search, lookup
 from ultramem_jax.memory import memory_layer
 from ultramem_jax.sharding import build_context
@@ -69,6 +71,54 @@ def test_tpu_gather_pool_chunks_row_ids_through_smem(rng, monkeypatch):
     monkeypatch.setattr(gp_kernel, "SMEM_ROW_IDS", 64)
     fn = functools.partial(gp_kernel.gather_pool, backend="tpu", interpret=True)
     _check_pool(fn, rng, 37, 6, 40, 32, 4, 2)
+
+
+# ---- pre-value gather (UltraMemV2) ---------------------------------------------------------------------
+def _pvg_inputs(rng, T, K, N, Dp, Dv, C):
+    rows = rng.integers(0, N - 1, (T, K))  # row N - 1 is never read: its gradients must stay exactly 0
+    rows[0, 1] = rows[0, 0]  # a row read twice by one token: the backward must add, not overwrite
+    rows[-1, -1] = rows[0, 0]  # and by two tokens
+    return (_normal(rng, N, Dp), _normal(rng, N, Dv), jnp.asarray(rows, jnp.int32), _normal(rng, T, Dp),
+            _normal(rng, T, K, C), _normal(rng, T, Dv))
+
+
+def _check_pvg(fn, rng, T, K, N, Dp, Dv, C):
+    """Forward and the gradients w.r.t. P, V, the pre-value projection (W_pre x) and the scores."""
+    pre_values, values, rows, pre, scores, g = _pvg_inputs(rng, T, K, N, Dp, Dv, C)
+    loss = lambda f: lambda p, v, x, s: jnp.sum(f(p, v, rows, x, s) * g)  # noqa: E731
+    diff = (pre_values, values, pre, scores)
+    np.testing.assert_allclose(fn(pre_values, values, rows, pre, scores),
+                               kernels.xla_pre_value_gather(pre_values, values, rows, pre, scores),
+                               rtol=1e-5, atol=1e-4)
+    want_g = jax.grad(loss(kernels.xla_pre_value_gather), (0, 1, 2, 3))(*diff)
+    got_g = jax.grad(loss(fn), (0, 1, 2, 3))(*diff)
+    for name, a, b in zip(("P", "V", "pre", "scores"), got_g, want_g):  # f32 sums in another order
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + float(np.abs(b).max())), err_msg=name)
+    untouched = np.setdiff1d(np.arange(N), np.asarray(rows))
+    assert all(np.all(np.asarray(d)[untouched] == 0) for d in got_g[:2])  # only selected rows get gradient
+
+
+# T, K, N, D_p, D_v, C: T, K, D_p, D_v not multiples of the blocks (8 tokens, pow2 Triton tiles, 128 lanes)
+PVG_SHAPES = [(13, 20, 300, 24, 96, 2), (5, 7, 50, 40, 100, 4), (9, 16, 64, 64, 64, 1)]
+
+
+@pytest.mark.parametrize("mode", sorted(TPU_INTERPRET))
+def test_tpu_pre_value_gather_matches_reference(rng, mode):
+    fn = functools.partial(pvg_kernel.pre_value_gather, backend="tpu", interpret=TPU_INTERPRET[mode])
+    _check_pvg(fn, rng, *PVG_SHAPES[0 if mode == "hlo" else 1])
+
+
+@pytest.mark.parametrize("shape", PVG_SHAPES)
+def test_gpu_pre_value_gather_matches_reference(rng, shape):
+    fn = functools.partial(pvg_kernel.pre_value_gather, backend="gpu", interpret=True)
+    _check_pvg(fn, rng, *shape)
+
+
+def test_tpu_pre_value_gather_chunks_row_ids_through_smem(rng, monkeypatch):
+    """More row ids than one SMEM chunk: the kernels run chunk by chunk (lax.map) and still match."""
+    monkeypatch.setattr(pvg_kernel, "SMEM_ROW_IDS", 48)
+    fn = functools.partial(pvg_kernel.pre_value_gather, backend="tpu", interpret=True)
+    _check_pvg(fn, rng, 21, 6, 40, 8, 16, 2)
 
 
 # ---- key search ----------------------------------------------------------------------------------------
@@ -149,7 +199,6 @@ def test_key_search_with_full_preselection_is_brute_force_top_m(rng):
 @pytest.mark.parametrize("cfg", [MemoryConfig(num_keys=8, topk=6, expansion=4, kernels="pallas", out_proj_std=None),
                                  MemoryConfig.pkm(num_keys=8, topk=5, kernels="pallas")], ids=["ultramem", "pkm"])
 def test_memory_layer_with_kernels_matches_xla(rng, cfg):
-    import dataclasses
     with build_context():
         layers = [memory_layer(dataclasses.replace(cfg, kernels=k), 32, 2, rngs=nnx.Rngs(3)) for k in ("pallas", "xla")]
     assert [m.impl for m in layers] == ["interpret", "xla"]
@@ -167,6 +216,37 @@ def test_memory_layer_with_kernels_matches_xla(rng, cfg):
     np.testing.assert_allclose(out_k, out_x, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_v2_layer_with_kernels_matches_xla(rng):
+    """UltraMemV2 with ``kernels: pallas`` (the fused pre-value gather in interpret mode; the per-rank search
+    stays XLA) against ``kernels: xla``: output and the gradients of every parameter and of the shared table."""
+    from ultramem_jax.memory_v2 import SharedValueTable, UltraMemV2Layer
+    d_model = 24
+    cfg = MemoryConfig.ultramemv2(num_keys=6, key_dim=4, value_dim=16, pre_value_dim=8, topk=5, heads=2,
+                                  table_layers=3, kernels="pallas")
+    models = []
+    for k in ("pallas", "xla"):
+        with build_context():
+            rngs = nnx.Rngs(5)
+            c = dataclasses.replace(cfg, kernels=k)
+            models.append((UltraMemV2Layer(c, d_model, 3, layer_index=1, mlp_dim=64, rngs=rngs),
+                           SharedValueTable(c, d_model, 64, 3, rngs=rngs)))
+    assert [m[0].impl for m in models] == ["interpret", "xla"]
+    x, cot = _normal(rng, 2, 7, d_model), _normal(rng, 2, 7, d_model)
+
+    def loss(layer, table):
+        out, _ = layer(x, table)
+        return jnp.sum(out * cot), out
+
+    (_, out_k), g_k = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(*models[0])
+    (_, out_x), g_x = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(*models[1])
+    np.testing.assert_allclose(out_k, out_x, rtol=1e-4, atol=1e-5)
+    leaves_k, leaves_x = jax.tree.leaves(nnx.state(g_k)), jax.tree.leaves(nnx.state(g_x))
+    n_params = len(jax.tree.leaves(nnx.state(models[1][0], nnx.Param)))
+    assert len(leaves_k) == len(leaves_x) == n_params + 2  # every layer parameter, P and V
+    for a, b in zip(leaves_k, leaves_x):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * (1 + float(np.abs(b).max())))
 
 
 @pytest.mark.parametrize("layout", [lookup.MemoryLayout(row_axes=("tensor",), token_axes=("data",)),
@@ -193,6 +273,32 @@ def test_kernels_inside_shard_map_match_one_device(rng, layout):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_g, want_g):  # f32 partial sums in another order: scale the tolerance to the values (~1)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [lookup.MemoryLayout(row_axes=("tensor",), token_axes=("data",)),
+                                    lookup.MemoryLayout(row_axes=("data", "tensor"), token_axes=("data",))],
+                         ids=["rows", "rows_over_token_axes"])
+def test_pre_value_gather_inside_number_wise_shard_map_matches_one_device(rng, layout):
+    """UltraMemV2's lookup with the fused kernel on each row shard (masked rows) against XLA on one device."""
+    from ultramem_jax.mesh import make_mesh
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    T, K, N, Dp, Dv, C, O = 16, 6, 32, 8, 16, 2, 8
+    ids = jnp.asarray(rng.integers(0, N, (T, K)), jnp.int32)
+    diff = (_normal(rng, N, Dp), _normal(rng, N, Dv), _normal(rng, 1, Dv, O), _normal(rng, T, Dp),
+            _normal(rng, T, K, C))
+
+    def loss(impl, layout):
+        def f(p, v, w, x, s):
+            out = lookup.memory_lookup(layout, v, w, ids, s, N, 1, impl=impl, pre_values_NxP=p, pre_x_TxP=x)
+            return jnp.sum(jnp.sin(out)), out
+        return jax.value_and_grad(f, (0, 1, 2, 3, 4), has_aux=True)
+
+    (_, want), want_g = loss("xla", None)(*diff)
+    with jax.set_mesh(mesh):
+        (_, got), got_g = jax.jit(loss("interpret", layout))(*diff)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * (1 + float(np.abs(b).max())))
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------
@@ -225,6 +331,23 @@ def _pool_specs(dtype, N, D, T, K, E, C):
             jax.ShapeDtypeStruct((T, E, D), dtype)]
 
 
+PVG_SPEC = dict(N=4096, Dp=128, Dv=384, T=100, K=128, C=2)  # V2's D_p : D_v = 1 : 3 (anchors-2026.md §1.1)
+
+
+def _pvg_fwd_bwd(backend):
+    def f(pre_values, values, rows, pre, scores, g):
+        out, vjp = jax.vjp(lambda p, v, x, s: pvg_kernel.pre_value_gather(p, v, rows, x, s, backend, False),
+                           pre_values, values, pre, scores)
+        return out, vjp(g)
+    return f
+
+
+def _pvg_specs(dtype, N, Dp, Dv, T, K, C):
+    return [jax.ShapeDtypeStruct((N, Dp), jnp.float32), jax.ShapeDtypeStruct((N, Dv), jnp.float32),
+            jax.ShapeDtypeStruct((T, K), jnp.int32), jax.ShapeDtypeStruct((T, Dp), dtype),
+            jax.ShapeDtypeStruct((T, K, C), dtype), jax.ShapeDtypeStruct((T, Dv), dtype)]
+
+
 def _search_fwd_bwd(backend, P, M, additive):
     def f(*args):
         (scores, slots), vjp = jax.vjp(lambda *a: ks_kernel.search(*a, args[5], args[6], P, M, additive, backend,
@@ -242,6 +365,8 @@ def _search_specs(dtype, T=100, H=2, D=192, n=512, R=2, C=2):
 KERNELS = {  # name → (function of backend, abstract inputs)
     "gather_pool_f32": (lambda b: _pool_fwd_bwd(b, POOL_SPEC["E"]), _pool_specs(jnp.float32, **POOL_SPEC)),
     "gather_pool_bf16_scores": (lambda b: _pool_fwd_bwd(b, POOL_SPEC["E"]), _pool_specs(jnp.bfloat16, **POOL_SPEC)),
+    "pre_value_gather_f32": (_pvg_fwd_bwd, _pvg_specs(jnp.float32, **PVG_SPEC)),
+    "pre_value_gather_bf16_scores": (_pvg_fwd_bwd, _pvg_specs(jnp.bfloat16, **PVG_SPEC)),
     "key_search_tdqkr": (lambda b: _search_fwd_bwd(b, 64, 64, False), _search_specs(jnp.float32)),
     "key_search_tdqkr_bf16": (lambda b: _search_fwd_bwd(b, 64, 64, False), _search_specs(jnp.bfloat16)),
     "key_search_product_key": (lambda b: _search_fwd_bwd(b, 32, 48, True), _search_specs(jnp.float32, R=1, C=1)),
@@ -285,7 +410,8 @@ def test_tpu_kernels_compile_for_tpu(name, topology):
 def test_gpu_kernels_lower_for_gpu(name):
     make, specs = KERNELS[name]
     text = _gpu_lower(make("gpu"), specs)
-    assert text.count("triton") >= (2 if name.startswith("gather_pool") else 1)  # forward (and backward) kernels
+    two = name.startswith(("gather_pool", "pre_value_gather"))
+    assert text.count("triton") >= (2 if two else 1)  # forward (and backward) kernels
 
 
 def _misaligned_row_gather(values, rows):
@@ -332,6 +458,14 @@ def test_lowering_checks_catch_what_interpret_mode_accepts(rng):
 def test_gpu_gather_pool_on_gpu(rng, shape):
     with jax.default_matmul_precision("highest"):  # the reference's einsum would otherwise run in TF32
         _check_pool(lambda v, r, b, s, E: gp_kernel.gather_pool(v, r, b, s, E, "gpu", False), rng, *shape)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (ULTRAMEM_TEST_ACCELERATOR=1)")
+@pytest.mark.parametrize("shape", PVG_SHAPES + [(1000, 128, 1 << 16, 128, 384, 2)])
+def test_gpu_pre_value_gather_on_gpu(rng, shape):
+    with jax.default_matmul_precision("highest"):  # the reference's einsums would otherwise run in TF32
+        _check_pvg(lambda *a: pvg_kernel.pre_value_gather(*a, "gpu", False), rng, *shape)
 
 
 @pytest.mark.gpu_only

@@ -9,12 +9,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.memory.num_keys=16",
          "model.memory.key_dim=8", "model.memory.value_dim=16", "model.memory.topk=4", "model.memory_placement=0:1",
          "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0"]
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+# one CPU device per process (no fake devices), compiled as quickly as conftest.py does
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
 
 pytestmark = pytest.mark.slow
 
@@ -212,11 +214,12 @@ def test_prepare_then_train_with_bpe(tmp_path, corpus):
 
 def test_smoke_run_of_the_default_config(tmp_path):
     out = str(tmp_path / "smoke")
-    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=60", f"output_dir={out}"])
+    # The default model and corpus, as `make train` runs them; 20 steps keep it short (the README's smoke run is 60).
+    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=20", f"output_dir={out}"])
     assert r.returncode == 0, r.stderr[-2000:]
     _, evals = losses(out)
     assert evals and np.isfinite(evals[-1]["val_loss"])
-    assert ckpt_steps(out) == [60]
+    assert ckpt_steps(out) == [20]
     assert os.listdir(os.path.join(out, "tensorboard"))
 
 

@@ -11,9 +11,7 @@ from flax import nnx
 
 from ultramem_jax import MemoryConfig, ModelConfig, create_model, table_share
 from ultramem_jax.config import MoEConfig
-from ultramem_jax.errors import UsageError
 from ultramem_jax.memory_v2 import SharedValueTable, UltraMemV2Layer
-from ultramem_jax.mesh import logical_rules, make_mesh, memory_layout
 from ultramem_jax.params import memory_layer_params, param_counts, shared_table_params
 from ultramem_jax.sharding import build_context
 from ultramem_jax.train_config import load_config
@@ -245,16 +243,6 @@ def test_invalid_v2_configs_name_the_field(memory, field):
     with pytest.raises(ValueError, match="^memory.pre_value_dim:"):
         ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
                     memory=MemoryConfig(num_keys=8, topk=4, pre_value_dim=8), memory_placement="all")
-
-
-def test_v2_table_layouts_are_refused_with_one_line():
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
-                      memory=MemoryConfig.ultramemv2(num_keys=8, topk=4), memory_placement="all")
-    mesh = make_mesh({"data": 2, "model": 1}, jax.devices()[:2])
-    rules = logical_rules([], mesh)
-    assert memory_layout({}, mesh, rules, cfg, 4)[0] is not None  # replicated: fine
-    with pytest.raises(UsageError, match="^memory_layout: ultramemv2 supports only the replicated"):
-        memory_layout({"rows": ["data"]}, mesh, rules, cfg, 4)
 
 
 def test_model_shares_one_table_and_trains_it(rng):

@@ -45,6 +45,8 @@ def initialize(mode: str) -> None:
     pid = _env_int("JAX_PROCESS_ID", 0, 1 << 20)
     if num is not None and pid is not None and pid >= num:
         raise UsageError(f"JAX_PROCESS_ID={pid} must be below JAX_NUM_PROCESSES={num}")
+    from ultramem_jax.quiet import drop_stdout_lines
+    drop_stdout_lines()  # gloo's per-communicator connection lines (CPU collectives; harmless elsewhere)
     try:
         jax.distributed.initialize(num_processes=num, process_id=pid)
     except (ValueError, RuntimeError) as e:

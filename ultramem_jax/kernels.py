@@ -1,7 +1,7 @@
-"""Which implementation runs the memory layer's two hot ops: the XLA reference or a Pallas kernel.
+"""Which implementation runs the memory layers' hot ops: the XLA reference or a Pallas kernel.
 
 ``memory.kernels`` in the config:
-  xla     the reference ops (``key_search.search``, ``ive.gather_pool``) everywhere;
+  xla     the reference ops (``key_search.search``, ``ive.gather_pool``, ``xla_pre_value_gather``) everywhere;
   pallas  the Pallas kernels: Mosaic on TPU, Triton on GPU, and the TPU kernels in interpret mode on CPU
           (slow; for testing the kernel path end to end);
   auto    the kernels on TPU; on GPU the gather-pool kernel with the XLA search (on an H100 the search kernel
@@ -15,6 +15,7 @@ it, ``auto`` falls back to XLA and ``pallas`` fails with that reason.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from ultramem_jax import ive, key_search
 
@@ -61,6 +62,35 @@ def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int,
     from pallas_kernels import gather_pool as kernel
     backend, interpret = _backend(impl)
     return kernel.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, backend, interpret)
+
+
+def xla_pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC):
+    """UltraMemV2's weighted gather (anchors-2026.md §1.3), the reference of ``pallas_kernels.pre_value_gather``:
+
+        g[t, k] = <P[rows[t,k]], pre[t]>
+        out[t, c-th slice] = Σ_k g[t,k] · scores[t,k,c] · V[rows[t,k], c-th slice]
+
+    ``pre`` is W_pre x (T × D_p).  Returns T × D_v in the scores' dtype; the gathered rows are cast to it.
+    This reference gathers T×K×D_p and T×K×D_v rows; its gradients w.r.t. the tables are scatter-adds.
+    """
+    T, K, C = scores_TxKxC.shape
+    dt = scores_TxKxC.dtype
+    pre_rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0).astype(dt)
+    gate_TxK = jnp.einsum("tkp,tp->tk", pre_rows_TxKxP, pre_TxP.astype(dt))
+    rows_TxKxCxd = jnp.take(values_NxD, rows_TxK, axis=0).reshape(T, K, C, -1).astype(dt)
+    out_TxCxd = jnp.einsum("tkc,tkcd->tcd", scores_TxKxC * gate_TxK[..., None], rows_TxKxCxd)
+    return out_TxCxd.reshape(T, values_NxD.shape[1])
+
+
+def pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC, impl: str = "xla"):
+    """``xla_pre_value_gather`` by ``impl``.  As for ``gather_pool``, the TPU kernel DMAs 32-bit rows only.
+    ``gpu_pool`` (``auto`` on GPU) keeps XLA: the GPU kernel has not been timed on a GPU yet."""
+    small = impl in ("tpu", "interpret") and min(pre_values_NxP.dtype.itemsize, values_NxD.dtype.itemsize) != 4
+    if impl in ("xla", "gpu_pool") or small:
+        return xla_pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC)
+    from pallas_kernels import pre_value_gather as kernel
+    backend, interpret = _backend(impl)
+    return kernel.pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC, backend, interpret)
 
 
 def search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect: int, topk: int, additive: bool,

@@ -13,6 +13,11 @@ its slice of W_o), so what crosses the wire per token is D-sized: a ``psum`` ove
 the tokens, and ``all_gather`` of the (small) selected ids and scores then ``psum_scatter`` back over table
 axes that also split the tokens.  The table and the gathered T×m×D_v rows never move.  docs/sharding.md has
 the per-step signatures and byte counts.
+
+Two per-token inputs ride along, split by columns like V: ``pre_x`` with the pre-value table ``pre_values``
+(UltraMemV2: token k's scores are scaled by g_k = <P[row_k], pre_x>; a column shard computes the partial dot
+over its slice of P and the T×K partial dots are psum'd once, while a row shard owns whole P rows and needs no
+reduction) and ``gate`` (Memory+: the pooled vector ⊙ gate, before the projection).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ultramem_jax import kernels
@@ -39,16 +45,25 @@ class MemoryLayout:
         return "number_wise" if self.row_axes else ("dimension_wise" if self.col_axes else "replicated")
 
 
+def prevalue_dots(pre_values_NxP, rows_TxK, pre_x_TxP):
+    """g_k = <P[row_k], pre_x> in float32 (a partial dot when P and pre_x are one column slice)."""
+    rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0)
+    return jnp.einsum("tkp,tp->tk", rows_TxKxP, pre_x_TxP.astype(rows_TxKxP.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values: int, num_blocks: int,
-                 impl: str = "xla", tap_TxKxD=None):
-    """out[t] = Σ_p W_pᵀ Σ_{k: block=p} s_k ⊙ V[row_k], with (block, row) = divmod(ids, N).
+                 impl: str = "xla", gate_TxD=None, tap_TxKxD=None):
+    """out[t] = Σ_p W_pᵀ (gate[t] ⊙ Σ_{k: block=p} s_k ⊙ V[row_k]), with (block, row) = divmod(ids, N).
 
     ``out_proj`` None means no projection (PKM with D_v = d_model): the pooled vector is the output.
-    ``impl`` picks the gather-pool implementation (``kernels.resolve``); ``tap_TxKxD`` (sparse value updates)
-    is added to the gathered rows, the table then held outside autodiff.
+    ``gate`` None means no gate.  ``impl`` picks the gather-pool implementation (``kernels.resolve``);
+    ``tap_TxKxD`` (sparse value updates) is added to the gathered rows, the table then held outside autodiff.
     """
     blocks, rows = ids_TxK // num_values, ids_TxK % num_values
     pooled_TxExD = kernels.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks, impl, tap_TxKxD)
+    if gate_TxD is not None:
+        pooled_TxExD = pooled_TxExD * gate_TxD[:, None, :].astype(pooled_TxExD.dtype)
     if out_proj_ExDxO is None:
         return pooled_TxExD[:, 0]
     return jnp.einsum("tev,evd->td", pooled_TxExD, out_proj_ExDxO.astype(pooled_TxExD.dtype))
@@ -58,12 +73,34 @@ def _spec(axes):
     return axes if len(axes) > 1 else (axes[0] if axes else None)
 
 
+def fused_prevalue_lookup(pre_values_NxP, values_NxD, out_proj_1xDxO, rows_TxK, pre_x_TxP, scores_TxKxC, impl):
+    """UltraMemV2 where one shard holds whole P rows: the pre-value dots and the weighted sum in one gather
+    (``kernels.pre_value_gather``: each selected P and V row read once), then the single projector."""
+    pooled_TxD = kernels.pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_x_TxP, scores_TxKxC, impl)
+    return pooled_TxD @ out_proj_1xDxO[0].astype(pooled_TxD.dtype)
+
+
+def _scaled(scores_TxKxC, dots_TxK):
+    return scores_TxKxC * dots_TxK[..., None].astype(scores_TxKxC.dtype)
+
+
 def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC,
-                  num_values: int, num_blocks: int, impl: str = "xla", tap_TxKxD=None):
-    """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally."""
+                  num_values: int, num_blocks: int, impl: str = "xla", *, pre_values_NxP=None, pre_x_TxP=None,
+                  gate_TxD=None, tap_TxKxD=None):
+    """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally.
+
+    With ``pre_values`` (N × D_p, split like V) and ``pre_x`` (T × D_p), token k's scores are scaled by
+    g_k = <P[row_k], pre_x> (UltraMemV2); ``gate`` (T × D_v) multiplies the pooled vector (Memory+).
+    ``tap_TxKxD`` (``new_tap``; sparse value updates) is added to the gathered value rows.
+    """
+    if tap_TxKxD is not None and pre_values_NxP is not None:
+        raise ValueError("lookup: a value tap (sparse value updates) is not implemented with pre-values yet")
     if layout is None or layout.kind == "replicated":
+        if pre_values_NxP is not None:
+            return fused_prevalue_lookup(pre_values_NxP, values_NxD, out_proj_ExDxO, ids_TxK % num_values,
+                                         pre_x_TxP, scores_TxKxC, impl)
         return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl,
-                            tap_TxKxD)
+                            gate_TxD, tap_TxKxD)
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
     gather_axes = tuple(a for a in B if a in R + C)  # table shards that also hold different tokens
     sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens
@@ -71,6 +108,7 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     d_out = out_proj_ExDxO.shape[-1] if out_proj_ExDxO is not None else d_total
 
     slice_before_gather = not set(gather_axes) & set(C)  # then every gathered token needs the same cores
+    cols_split_tokens = bool(set(C) & set(B))  # then per-token inputs come in whole and move in the body
 
     def my_cores(scores, d_loc):
         """The MCS cores whose value slices this column shard holds."""
@@ -78,7 +116,29 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
         col0 = jax.lax.axis_index(C) * d_loc
         return jax.lax.dynamic_slice_in_dim(scores, col0 // slice_w, max(1, d_loc // slice_w), axis=2), col0
 
-    def body(values_loc, out_proj_loc, ids, scores, tap):
+    def my_columns(x_TxF, width):
+        """This shard's column slice of a per-token input (pre_x, gate), for every token it serves."""
+        if not gather_axes:
+            return x_TxF  # in_specs already cut the column slice
+        if not cols_split_tokens:  # only row axes split tokens: the slice is cut, gather the group's tokens
+            return jax.lax.all_gather(x_TxF, gather_axes, axis=0, tiled=True)
+        if set(gather_axes) <= set(C):  # every token owner sends each column shard of its group that slice
+            return jax.lax.all_to_all(jnp.take(x_TxF, peer_columns(width), axis=1), gather_axes, split_axis=1,
+                                      concat_axis=0, tiled=True)
+        x_TxF = jax.lax.all_gather(x_TxF, gather_axes, axis=0, tiled=True)  # rows and cols split tokens
+        return jax.lax.dynamic_slice_in_dim(x_TxF, jax.lax.axis_index(C) * width, width, axis=1)
+
+    def peer_columns(width):
+        """The columns each member of the gather group holds, member by member (the group's all_gather order):
+        this shard's column index with the gather axes' coordinates replaced by the member's."""
+        c_sizes, g_sizes = [jax.lax.axis_size(a) for a in C], [jax.lax.axis_size(a) for a in gather_axes]
+        stride = {a: math.prod(c_sizes[i + 1:]) for i, a in enumerate(C)}
+        coords = np.unravel_index(np.arange(math.prod(g_sizes)), g_sizes)
+        base = jax.lax.axis_index(C) - sum(jax.lax.axis_index(a) * stride[a] for a in gather_axes)
+        shard_G = base + jnp.asarray(sum(c * stride[a] for c, a in zip(coords, gather_axes)), jnp.int32)
+        return (shard_G[:, None] * width + jnp.arange(width)).reshape(-1)
+
+    def body(values_loc, out_proj_loc, ids, scores, pre_values_loc, pre_x, gate, tap):
         col0 = 0
         if C and slice_before_gather:
             scores, col0 = my_cores(scores, values_loc.shape[1])
@@ -87,6 +147,10 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             scores = jax.lax.all_gather(scores, gather_axes, axis=0, tiled=True)
         if C and not slice_before_gather:
             scores, col0 = my_cores(scores, values_loc.shape[1])
+        if pre_x is not None:
+            pre_x = my_columns(pre_x, pre_values_loc.shape[1])
+        if gate is not None:
+            gate = my_columns(gate, values_loc.shape[1])
         blocks, rows = ids // num_values, ids % num_values
         n_loc = values_loc.shape[0]
         if R:  # number-wise: keep the rows this shard owns, zero the others' weights
@@ -94,8 +158,13 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             mine = (local >= 0) & (local < n_loc)
             rows = jnp.where(mine, local, 0)
             scores = jnp.where(mine[..., None], scores, 0)
-        out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl,
-                           None if tap is None else tap[0])
+        if pre_values_loc is not None and not C:  # a row shard owns whole P rows: the fused gather
+            out = fused_prevalue_lookup(pre_values_loc, values_loc, out_proj_loc, rows, pre_x, scores, impl)
+        else:
+            if pre_values_loc is not None:  # column shards sum T×K partial dots before weighting
+                scores = _scaled(scores, jax.lax.psum(prevalue_dots(pre_values_loc, rows, pre_x), C))
+            out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl,
+                               gate, None if tap is None else tap[0])
         if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
             zeros = jnp.zeros((out.shape[0], d_out), out.dtype)
             out = jax.lax.dynamic_update_slice_in_dim(zeros, out, col0, axis=1)
@@ -106,11 +175,15 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
         return out
 
     tok = P(_spec(B), None)
-    in_specs = (P(_spec(R), _spec(C)), None if out_proj_ExDxO is None else P(None, _spec(C), None), tok,
-                P(_spec(B), None, None), None if tap_TxKxD is None else P(_spec(tap_axes(layout)), None, None, None))
+    table = P(_spec(R), _spec(C))
+    tok_cols = P(_spec(B), None if cols_split_tokens else _spec(C))
+    opt = lambda a, spec: None if a is None else spec  # noqa: E731
+    in_specs = (table, opt(out_proj_ExDxO, P(None, _spec(C), None)), tok, P(_spec(B), None, None),
+                opt(pre_values_NxP, table), opt(pre_x_TxP, tok_cols), opt(gate_TxD, tok_cols),
+                opt(tap_TxKxD, P(_spec(tap_axes(layout)), None, None, None)))
     # check_vma=False: Pallas kernels (the local gather-pool on accelerators) do not carry vma types.
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
-        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, tap_TxKxD)
+        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, pre_values_NxP, pre_x_TxP, gate_TxD, tap_TxKxD)
 
 
 def tap_axes(layout: MemoryLayout) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ class MemoryPlusLayer(UltraMemLayer):
         out_std = d_model ** -0.5 if cfg.out_proj_std is None else cfg.out_proj_std
         self.out_proj = _param(None, rngs, (cfg.value_dim, d_model), (sh.VALUE_DIM, sh.EMBED), std=out_std)
         self.permutation = None
-        self.layout: lookup.MemoryLayout | None = None  # only None: mesh.py refuses memplus table layouts
+        self.layout: lookup.MemoryLayout | None = None  # how the pool is split (set by create_model)
         self.impl = kernels.resolve(cfg.kernels)
 
     def __call__(self, x_BxSxD: jax.Array, table):
@@ -55,8 +55,9 @@ class MemoryPlusLayer(UltraMemLayer):
         weights_TxHxMx1 = self._activate(raw_TxHxMx1)
         K = cfg.heads * cfg.topk
         slots_TxK = slots_TxHxM.reshape(-1, K)
-        bag_TxV = lookup.memory_lookup(self.layout, table.values[...], None, slots_TxK,
-                                       weights_TxHxMx1.reshape(-1, K, 1), cfg.num_values, 1, impl=self.impl)
         gate_TxV = jax.nn.silu(x_TxD @ self.swilu_proj[...].astype(x_TxD.dtype))
-        out_TxD = (bag_TxV * gate_TxV.astype(bag_TxV.dtype)) @ self.out_proj[...].astype(bag_TxV.dtype)
+        # gate and W_v inside the lookup: a column shard projects its gated slice, one D-wide reduction
+        out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...][None], slots_TxK,
+                                       weights_TxHxMx1.reshape(-1, K, 1), cfg.num_values, 1, impl=self.impl,
+                                       gate_TxD=gate_TxV)
         return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMx1, slots_TxK, balance)

@@ -13,7 +13,9 @@ stream after that block, in parallel with the FFN):
     y = W_o concat_c Σ_k g_k · s_k⁽ᶜ⁾ · V[row_k, c-th slice]   one projection D_v → D (MCS slices as in V1)
 
 P (rows × D_p) and V (rows × D_v) live in ``SharedValueTable``, one module for the whole model, passed to every
-layer's call.  The weighted gather is V1's (``lookup.memory_lookup`` with one block), so its kernels apply.
+layer's call.  The weighted gather is V1's (``lookup.memory_lookup`` with one block, which also takes the pre-value
+dot), so its table layouts apply; where a shard holds whole P rows it runs the fused pre-value gather
+(``kernels.pre_value_gather``, pallas_kernels/pre_value_gather.py).
 
 Where the released code differs (anchors-2026.md §1.3): its "query per Tucker rank" indexes the query so that
 both sides' rank-a scores use row-side queries and the column-side half of W_q never gets a gradient; here
@@ -70,7 +72,9 @@ class UltraMemV2Layer(UltraMemLayer):
         stds = v2_linear_stds(cfg, d_model)
         ranks = cfg.rank if cfg.query_per_rank else 1
         self._init_retrieval(cfg, d_model, query_ranks=ranks, query_std=stds["query"], rngs=rngs)
-        self.pre_proj = _param(None, rngs, (d_model, cfg.pre_value_dim), (sh.EMBED, None), std=stds["pre_proj"])
+        # columns split like P's (value_dim): a column shard's slice of W_pre x meets its slice of P
+        self.pre_proj = _param(None, rngs, (d_model, cfg.pre_value_dim), (sh.EMBED, sh.VALUE_DIM),
+                               std=stds["pre_proj"])
         out_std = stds["out_proj"] if cfg.out_proj_std is None else cfg.out_proj_std
         # one projector, kept E×D_v×D-shaped (E = 1) so V1's lookup and kernels take it as they are
         self.out_proj = _param(None, rngs, (1, cfg.value_dim, d_model), (sh.IVE_BLOCKS, sh.VALUE_DIM, sh.EMBED),
@@ -80,7 +84,7 @@ class UltraMemV2Layer(UltraMemLayer):
         self.permutation = (MemoryBuffer(jnp.asarray(ive.make_permutation(cfg.seed + layer_index, E * N)))
                             if cfg.shuffle and E > 1 else None)
         self.offset = table_share.window_offset(cfg, layer_index)
-        self.layout: lookup.MemoryLayout | None = None  # only None: config.py rejects V2 table layouts
+        self.layout: lookup.MemoryLayout | None = None  # how the shared table is split (set by create_model)
         self.impl = kernels.resolve(cfg.kernels)
 
     def __call__(self, x_BxSxD: jax.Array, table: SharedValueTable):
@@ -93,11 +97,9 @@ class UltraMemV2Layer(UltraMemLayer):
         K = cfg.heads * cfg.topk
         local_TxK = (ids_TxHxM % cfg.num_values).reshape(-1, K)
         rows_TxK = table_share.physical_rows(local_TxK, self.offset, cfg.table_rows)
-        dt = scores_TxHxMxC.dtype
         pre_TxP = x_TxD @ self.pre_proj[...].astype(x_TxD.dtype)
-        pre_rows_TxKxP = jnp.take(table.pre_values[...], rows_TxK, axis=0).astype(dt)
-        gate_TxK = jnp.einsum("tkp,tp->tk", pre_rows_TxKxP, pre_TxP.astype(dt))
-        weights_TxKxC = scores_TxHxMxC.reshape(-1, K, cfg.cores) * gate_TxK[..., None]
-        out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...], rows_TxK, weights_TxKxC,
-                                       cfg.table_rows, 1, impl=self.impl)
+        # the lookup scales each score by the pre-value dot <P[row_k], pre>, on whichever shard holds P[row_k]
+        out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...], rows_TxK,
+                                       scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.table_rows, 1, impl=self.impl,
+                                       pre_values_NxP=table.pre_values[...], pre_x_TxP=pre_TxP)
         return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMxC, local_TxK, balance)

@@ -83,16 +83,16 @@ def memory_layout(layout_cfg: dict, mesh, rules, model_cfg, batch_size: int, min
     mem = model_cfg.resolved_memory
     if mem is None:
         return None, list(rules.items())
-    if mem.kind in ("ultramemv2", "memplus") and (axes["rows"] or axes["cols"]):
-        raise UsageError(f"memory_layout: {mem.kind} supports only the replicated table so far (rows: [], cols: []); "
-                         "its number-wise, dimension-wise and hybrid layouts are not implemented")
     n_rows = math.prod(mesh.shape[a] for a in axes["rows"])
     n_cols = math.prod(mesh.shape[a] for a in axes["cols"])
-    if mem.num_values % n_rows:
-        raise UsageError(f"memory_layout.rows: the {mem.num_values} value rows do not split evenly over "
+    if mem.table_rows % n_rows:  # V1: a layer's table; V2 and Memory+: the one table every layer shares
+        raise UsageError(f"memory_layout.rows: the {mem.table_rows} value rows do not split evenly over "
                          f"{n_rows} shards {axes['rows']}")
     if mem.value_dim % n_cols:
         raise UsageError(f"memory_layout.cols: value_dim={mem.value_dim} does not split evenly over "
+                         f"{n_cols} shards {axes['cols']}")
+    if mem.is_v2 and mem.pre_value_dim % n_cols:  # P's columns split with V's
+        raise UsageError(f"memory_layout.cols: pre_value_dim={mem.pre_value_dim} does not split evenly over "
                          f"{n_cols} shards {axes['cols']}")
     d_loc, core_w = mem.value_dim // n_cols, mem.value_dim // mem.cores
     if n_cols > 1 and core_w % d_loc and d_loc % core_w:

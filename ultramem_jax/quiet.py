@@ -7,10 +7,15 @@ recovery as the one ``warning:`` line) that this project prints for it.
   are still in flight; their completions then each print a "RuntimeError: Event loop is closed" traceback, and
   the abandoned read coroutines that failed too print "Exception ignored in: <coroutine ...>" when collected.
   Those are dropped (the first failure reaches the caller; every other uncaught exception still prints).
+* Gloo, the CPU collectives of a multi-process run, writes "[Gloo] Rank i is connected to n peer ranks" from
+  C++ to file descriptor 1 for every communicator it builds (dozens per run, interleaved between threads), with
+  no switch to turn it off. ``drop_stdout_lines`` filters them out of the process's stdout at the descriptor.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
 import threading
 
@@ -52,3 +57,43 @@ def quiet_library_noise() -> None:
 
     hook._ultramem = True
     sys.excepthook, threading.excepthook, sys.unraisablehook = hook, thread_hook, unraisable_hook
+
+
+GLOO_CONNECTION_NOISE = ("[Gloo] Rank", "peer ranks. Expected number of connected peer ranks is")
+
+
+def drop_stdout_lines(markers=GLOO_CONNECTION_NOISE) -> None:
+    """From now on, lines of this process's stdout that contain any of ``markers`` are dropped, whoever writes
+    them (C++ included): file descriptor 1 becomes a pipe that a thread copies, line by line, to the real stdout.
+    At exit the real stdout is put back and the pipe drained, so nothing printed before is lost."""
+    if getattr(drop_stdout_lines, "_installed", False):
+        return
+    drop_stdout_lines._installed = True
+    sys.stdout.flush()
+    real_fd, (read_fd, write_fd) = os.dup(1), os.pipe()
+    os.dup2(write_fd, 1)
+    os.close(write_fd)
+    keep_real = os.dup(real_fd)  # the pump's own copy, closed when it finishes
+    encoded = tuple(m.encode() for m in markers)
+
+    def pump():
+        pending = b""
+        while chunk := os.read(read_fd, 1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = b"".join(line + b"\n" for line in lines if not any(m in line for m in encoded))
+            if kept:
+                os.write(keep_real, kept)
+        if pending and not any(m in pending for m in encoded):
+            os.write(keep_real, pending)
+        os.close(read_fd)
+        os.close(keep_real)
+
+    thread = threading.Thread(target=pump, name="stdout-filter", daemon=True)
+    thread.start()
+
+    def restore():  # fd 1 back to the terminal closes the pipe's last write end: the pump drains and stops
+        sys.stdout.flush()
+        os.dup2(real_fd, 1)
+        thread.join(timeout=5)
+
+    atexit.register(restore)

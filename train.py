@@ -62,7 +62,6 @@ def main(argv: list[str]) -> int:
     mesh = make_mesh(cfg.mesh)
     rules = logical_rules(cfg.logical_axis_rules, mesh)
     layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
-    training.check_value_update(cfg.optim, cfg.model.resolved_memory)
     data_sharding = batch_sharding(mesh, rules)
     check_fits(cfg, data_sharding)
 

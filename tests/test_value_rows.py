@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+from test_sparse_update import SHARED, shared_cfg
 
 from ultramem_jax import MemoryConfig, ModelConfig, lookup, row_adam, training, value_rows
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
@@ -129,3 +130,33 @@ def test_sharded_sparse_train_steps_match_one_device(rng, name):
         np.testing.assert_allclose(np.asarray(os_["value_rows"][0][key][...]),
                                    np.asarray(os1["value_rows"][0][key][...]), rtol=1e-3, atol=1e-7, err_msg=key)
     assert (np.asarray(os_["value_rows"][0]["last"][...]) == 3).all()
+
+
+SHARED_CASES = [("v2", "hybrid"), pytest.param("v2", "dimension_wise", marks=pytest.mark.slow),
+                pytest.param("memplus", "number_wise", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind,name", SHARED_CASES)
+def test_shared_table_sparse_train_steps_match_one_device(rng, kind, name):
+    """The tables two layers share (UltraMemV2's pre-values and values, Memory+'s pool), sparse under the layout
+    against one device: three steps' losses and gradient norms, the flushed tables, moments and step counts."""
+    tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
+    seed = int(rng.integers(1 << 20))
+    one = dataclasses.replace(shared_cfg(kind, "sparse"), batch_size=8)
+    want, ms1, os1 = _run(one, tokens, seed)
+    got, ms, os_ = _run(dataclasses.replace(one, mesh=CASES[name][1], memory_layout=CASES[name][0]), tokens, seed)
+    assert want[-1]["grad_norm"] > 0.05
+    for key in ("loss", "grad_norm", "grad_norm_values"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-4, err_msg=key)
+    layout_cfg = CASES[name][0]
+    want_spec = P(tuple(layout_cfg.get("rows", ())) or None, tuple(layout_cfg.get("cols", ())) or None)
+    for i, table in enumerate(SHARED[kind]):
+        values = ms["memory_table"][table][...]
+        assert values.sharding.is_equivalent_to(NamedSharding(values.sharding.mesh, want_spec), 2), table
+        np.testing.assert_allclose(np.asarray(values), np.asarray(ms1["memory_table"][table][...]),
+                                   rtol=1e-4, atol=1e-5, err_msg=table)
+        for key in ("m", "v"):
+            np.testing.assert_allclose(np.asarray(os_["value_rows"][i][key][...]),
+                                       np.asarray(os1["value_rows"][i][key][...]), rtol=1e-3, atol=1e-7,
+                                       err_msg=f"{table} {key}")
+        assert (np.asarray(os_["value_rows"][i]["last"][...]) == 3).all()

@@ -45,9 +45,13 @@ class MemoryLayout:
         return "number_wise" if self.row_axes else ("dimension_wise" if self.col_axes else "replicated")
 
 
-def prevalue_dots(pre_values_NxP, rows_TxK, pre_x_TxP):
-    """g_k = <P[row_k], pre_x> in float32 (a partial dot when P and pre_x are one column slice)."""
-    rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0)
+def prevalue_dots(pre_values_NxP, rows_TxK, pre_x_TxP, tap_TxKxP=None):
+    """g_k = <P[row_k], pre_x> in float32 (a partial dot when P and pre_x are one column slice).  ``tap_TxKxP``
+    (sparse value updates) is added to the gathered rows, the table then held outside autodiff."""
+    if tap_TxKxP is None:
+        rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0)
+    else:
+        rows_TxKxP = jnp.take(jax.lax.stop_gradient(pre_values_NxP), rows_TxK, axis=0) + tap_TxKxP
     return jnp.einsum("tkp,tp->tk", rows_TxKxP, pre_x_TxP.astype(rows_TxKxP.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -86,19 +90,23 @@ def _scaled(scores_TxKxC, dots_TxK):
 
 def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC,
                   num_values: int, num_blocks: int, impl: str = "xla", *, pre_values_NxP=None, pre_x_TxP=None,
-                  gate_TxD=None, tap_TxKxD=None):
+                  gate_TxD=None, tap_TxKxD=None, pre_tap_TxKxP=None):
     """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally.
 
     With ``pre_values`` (N × D_p, split like V) and ``pre_x`` (T × D_p), token k's scores are scaled by
     g_k = <P[row_k], pre_x> (UltraMemV2); ``gate`` (T × D_v) multiplies the pooled vector (Memory+).
-    ``tap_TxKxD`` (``new_tap``; sparse value updates) is added to the gathered value rows.
+    ``tap_TxKxD`` and ``pre_tap_TxKxP`` (``new_tap``; sparse value updates) are added to the gathered value and
+    pre-value rows; a tapped V2 lookup takes the unfused path (pre-value dots, then the tapped gather-pool), as
+    a tapped gather-pool takes XLA's: the kernels' backward builds the dense table gradients.
     """
-    if tap_TxKxD is not None and pre_values_NxP is not None:
-        raise ValueError("lookup: a value tap (sparse value updates) is not implemented with pre-values yet")
+    tapped = tap_TxKxD is not None or pre_tap_TxKxP is not None
     if layout is None or layout.kind == "replicated":
-        if pre_values_NxP is not None:
+        if pre_values_NxP is not None and not tapped:
             return fused_prevalue_lookup(pre_values_NxP, values_NxD, out_proj_ExDxO, ids_TxK % num_values,
                                          pre_x_TxP, scores_TxKxC, impl)
+        if pre_values_NxP is not None:
+            dots_TxK = prevalue_dots(pre_values_NxP, ids_TxK % num_values, pre_x_TxP, pre_tap_TxKxP)
+            scores_TxKxC = _scaled(scores_TxKxC, dots_TxK)
         return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl,
                             gate_TxD, tap_TxKxD)
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
@@ -138,7 +146,7 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
         shard_G = base + jnp.asarray(sum(c * stride[a] for c, a in zip(coords, gather_axes)), jnp.int32)
         return (shard_G[:, None] * width + jnp.arange(width)).reshape(-1)
 
-    def body(values_loc, out_proj_loc, ids, scores, pre_values_loc, pre_x, gate, tap):
+    def body(values_loc, out_proj_loc, ids, scores, pre_values_loc, pre_x, gate, tap, pre_tap):
         col0 = 0
         if C and slice_before_gather:
             scores, col0 = my_cores(scores, values_loc.shape[1])
@@ -158,11 +166,12 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             mine = (local >= 0) & (local < n_loc)
             rows = jnp.where(mine, local, 0)
             scores = jnp.where(mine[..., None], scores, 0)
-        if pre_values_loc is not None and not C:  # a row shard owns whole P rows: the fused gather
+        if pre_values_loc is not None and not C and not tapped:  # a row shard owns whole P rows: the fused gather
             out = fused_prevalue_lookup(pre_values_loc, values_loc, out_proj_loc, rows, pre_x, scores, impl)
         else:
             if pre_values_loc is not None:  # column shards sum T×K partial dots before weighting
-                scores = _scaled(scores, jax.lax.psum(prevalue_dots(pre_values_loc, rows, pre_x), C))
+                dots = prevalue_dots(pre_values_loc, rows, pre_x, None if pre_tap is None else pre_tap[0])
+                scores = _scaled(scores, jax.lax.psum(dots, C) if C else dots)
             out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl,
                                gate, None if tap is None else tap[0])
         if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
@@ -178,12 +187,14 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     table = P(_spec(R), _spec(C))
     tok_cols = P(_spec(B), None if cols_split_tokens else _spec(C))
     opt = lambda a, spec: None if a is None else spec  # noqa: E731
+    taps = P(_spec(tap_axes(layout)), None, None, None)
     in_specs = (table, opt(out_proj_ExDxO, P(None, _spec(C), None)), tok, P(_spec(B), None, None),
                 opt(pre_values_NxP, table), opt(pre_x_TxP, tok_cols), opt(gate_TxD, tok_cols),
-                opt(tap_TxKxD, P(_spec(tap_axes(layout)), None, None, None)))
+                opt(tap_TxKxD, taps), opt(pre_tap_TxKxP, taps))
     # check_vma=False: Pallas kernels (the local gather-pool on accelerators) do not carry vma types.
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
-        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, pre_values_NxP, pre_x_TxP, gate_TxD, tap_TxKxD)
+        values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, pre_values_NxP, pre_x_TxP, gate_TxD, tap_TxKxD,
+        pre_tap_TxKxP)
 
 
 def tap_axes(layout: MemoryLayout) -> tuple[str, ...]:

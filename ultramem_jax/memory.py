@@ -26,8 +26,9 @@ class MemoryBuffer(nnx.Variable):
 
 
 class ValueTap(nnx.Variable):
-    """Zeros added to the gathered value rows (T×K×D_v) by the sparse-update train step: their gradient is the
-    rows' gradient, so the table itself stays outside autodiff (row_adam.py).  Absent outside that step."""
+    """Zeros added to the gathered value (or V2's pre-value) rows, T×K×D, by the sparse-update train step: their
+    gradient is the rows' gradient, so the table itself stays outside autodiff (row_adam.py).  Absent outside that
+    step."""
 
 
 class TuckerVectors(nnx.Variable):
@@ -213,10 +214,15 @@ class UltraMemLayer(nnx.Module):
             return self.retrieve(x_TxD, with_balance=True)
         return (*self.retrieve(x_TxD), None)
 
-    def _value_tap(self):
-        """The zeros the sparse-update train step adds to the gathered value rows (``ValueTap``), or None."""
-        tap = getattr(self, "value_tap", None)
+    def _value_tap(self, name: str = "value_tap"):
+        """The zeros the sparse-update train step adds to the gathered value rows (``ValueTap``; V2's pre-value
+        rows: ``pre_value_tap``), or None."""
+        tap = getattr(self, name, None)
         return None if tap is None else tap[...]
+
+    def table_rows(self, rows_TxK):
+        """``info['rows']`` (what usage counts) as rows of the table this layer reads: the same rows here."""
+        return rows_TxK
 
     def _finish(self, out_TxD, shape_BxSxD, raw_TxHxMxC, rows_TxK, balance):
         """The output scaled and reshaped, and the info the memory statistics need (``rows``: the table rows

@@ -14,8 +14,9 @@ treatment can follow the other reference systems by config (docs/results.md has 
                             sparse: only the rows a step touched are read and written (row_adam.py), with dense
                             AdamW's result (skipped steps applied on the next touch and at flush); lazy: plain
                             lazy AdamW (untouched rows and their moments stand still).  Every memory layout (each
-                            table shard updates its own rows or columns: value_rows.py); V1 and PKM tables
-                            only (not yet V2's or Memory+'s shared tables).
+                            table shard updates its own rows or columns: value_rows.py) and every value table:
+                            V1 / PKM layers' own, UltraMemV2's shared pre-values and values, Memory+'s shared
+                            pool (the reads of all layers summed into one row update per table and step).
 """
 from __future__ import annotations
 

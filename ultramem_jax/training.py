@@ -9,7 +9,6 @@ import numpy as np
 from flax import nnx
 
 from ultramem_jax import data, lookup, row_adam, value_rows
-from ultramem_jax.errors import UsageError
 from ultramem_jax.memory import ValueTap
 from ultramem_jax.optim import clip_factor, make_optimizer, param_labels, value_row_hyper
 from ultramem_jax.params import param_counts
@@ -17,30 +16,36 @@ from ultramem_jax.stats import mean_core_singular_values, memory_health, row_cou
 from ultramem_jax.transformer import create_model, lm_loss
 
 
+TAPS = {"values": "value_tap", "pre_values": "pre_value_tap"}  # a table → the layers' tap on its gathered rows
+
+
 def optax_params(optim_cfg):
     """The parameters optax updates: all of them, or all but the value tables (sparse value updates)."""
-    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("values"))) if optim_cfg.sparse_values else nnx.Param
-
-
-def check_value_update(optim_cfg, memory_cfg):
-    """Sparse value updates cover V1 / PKM layers' own tables under every layout; the shared tables (V2's values
-    and pre-values, Memory+'s pool) are not implemented yet."""
     if not optim_cfg.sparse_values:
-        return
-    if memory_cfg is not None and memory_cfg.kind in ("ultramemv2", "memplus"):
-        raise UsageError(f"optim.value_update: {optim_cfg.value_update} is not implemented for memory.kind "
-                         f"{memory_cfg.kind} (its shared value table) yet; use optim.value_update=dense")
+        return nnx.Param
+    return nnx.All(nnx.Param, nnx.Not(nnx.Any(*(nnx.PathContains(name) for name in TAPS))))
+
+
+def value_tables(model):
+    """[(table, [(layer index, tap name), …])]: every value table the sparse update owns, with the layers that read
+    it.  V1 / PKM: each layer's own table; UltraMemV2: the shared values and pre-values, Memory+: the shared pool,
+    each read by every memory layer (their reads are summed into one row update per table and step)."""
+    if model.memory_table is None:
+        return [(mem.values, [(i, TAPS["values"])]) for i, mem in enumerate(model.memories)]
+    readers = range(len(model.memories))
+    return [(getattr(model.memory_table, name), [(i, tap) for i in readers])
+            for name, tap in TAPS.items() if hasattr(model.memory_table, name)]
 
 
 def build(cfg, mesh, rules, layout=None):
     """Model and optimizer, created sharded under the mesh; returns graphdefs and states.  With sparse value
-    updates the optimizer also holds each table's row state (``value_rows``) and its constants (static)."""
-    check_value_update(cfg.optim, cfg.model.resolved_memory)
+    updates the optimizer also holds each table's row state (``value_rows``, ordered as ``value_tables``) and its
+    constants (static)."""
     model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules, layout=layout)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.steps), wrt=optax_params(cfg.optim))
         if cfg.optim.sparse_values:
-            opt.value_rows = nnx.List([row_adam.RowAdamState(m.values[...]) for m in model.memories])
+            opt.value_rows = nnx.List([row_adam.RowAdamState(t[...]) for t, _ in value_tables(model)])
             opt.value_hyper = value_row_hyper(cfg.optim, cfg.steps)
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(opt)
@@ -84,21 +89,30 @@ def _sparse_value_step(model, opt, tokens):
     """Forward, backward and update with row-sparse value tables (row_adam.py): the gradient is taken with
     respect to zero taps on the gathered rows, never the tables; duplicate rows are summed, clipping sees the
     exact value-table norm, and only the touched rows of the tables and moments are written (under a sharded
-    layout, by the shard that owns them: value_rows.py).  Returns (loss, (ce, aux)), gradient norms."""
+    layout, by the shard that owns them: value_rows.py).  A table several layers read (UltraMemV2's, Memory+'s)
+    takes their reads together: one row gradient per touched row, one update.  Returns (loss, (ce, aux)),
+    gradient norms."""
     hyper = opt.value_hyper
     T = tokens.shape[0] * (tokens.shape[1] - 1)
-    for mem in model.memories:
-        c = mem.cfg
-        mem.value_tap = ValueTap(lookup.new_tap(mem.layout, T, c.heads * c.topk, c.value_dim, mem.values.dtype))
+    tables, layers = value_tables(model), model.memories
+    for table, readers in tables:
+        for i, tap in readers:
+            c = layers[i].cfg
+            setattr(layers[i], tap, ValueTap(lookup.new_tap(layers[i].layout, T, c.heads * c.topk, table.shape[1],
+                                                            table.dtype)))
     wrt = opt.wrt
     (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, nnx.Any(wrt, ValueTap)),
                                                   has_aux=True)(model, tokens)
-    tap_grads = [grads["memories"][i]["value_tap"][...] for i in range(len(model.memories))]
-    for mem in model.memories:
-        del mem.value_tap
+    rows = []
+    for table, readers in tables:  # the readers' taps side by side: T×(L·K) ids, their row cotangents
+        ids = [layers[i].table_rows(aux["memory"][i]["rows"]) for i, _ in readers]
+        taps = [grads["memories"][i][tap][...] for i, tap in readers]
+        ids, taps = (ids[0], taps[0]) if len(readers) == 1 else (jnp.concatenate(ids, -1), jnp.concatenate(taps, -2))
+        rows.append(value_rows.row_grads(layers[readers[0][0]].layout, ids, taps, table.shape[0]))
+    for table, readers in tables:
+        for i, tap in readers:
+            delattr(layers[i], tap)
     other = nnx.state(grads, wrt)
-    rows = [value_rows.row_grads(mem.layout, info["rows"], g, mem.cfg.num_values)
-            for info, g, mem in zip(aux["memory"], tap_grads, model.memories)]
     sq = {"values": sum((r[2] for r in rows), jnp.zeros((), jnp.float32)),
           "other": sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(other)),
                        jnp.zeros((), jnp.float32))}
@@ -112,8 +126,9 @@ def _sparse_value_step(model, opt, tokens):
         other = jax.tree.map(lambda g: (g * value_scale).astype(g.dtype), other)
     step = opt.step[...].astype(jnp.int32)
     opt.update(model, other)
-    for mem, state, (ids, g, _) in zip(model.memories, opt.value_rows, rows):
-        mem.values[...] = value_rows.update(mem.layout, hyper, mem.values[...], state, ids, g * value_scale, step)
+    for (table, readers), state, (ids, g, _) in zip(tables, opt.value_rows, rows):
+        layout = layers[readers[0][0]].layout
+        table[...] = value_rows.update(layout, hyper, table[...], state, ids, g * value_scale, step)
     return (loss, (ce, aux)), norms
 
 
@@ -153,8 +168,8 @@ def make_flush(model_def, opt_def, model_state, opt_state):
     def flush(model_state, opt_state):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
         step = opt.step[...].astype(jnp.int32)
-        for mem, state in zip(model.memories, opt.value_rows):
-            mem.values[...] = row_adam.flush(opt.value_hyper, mem.values[...], state, step)
+        for (table, _), state in zip(value_tables(model), opt.value_rows):
+            table[...] = row_adam.flush(opt.value_hyper, table[...], state, step)
         return nnx.state(model), nnx.state(opt)
 
     shard = (_shardings(model_state), _shardings(opt_state))

@@ -9,7 +9,8 @@
 * ``python -m ultramem_jax.data prepare`` tokenises once into ArrayRecord shards that training then reads
   without holding the corpus in memory.
 
-The Grain iterator state goes into every checkpoint, so a resumed run sees exactly the same batches.
+The Grain iterator state goes into every checkpoint, so a resumed run sees exactly the same batches.  Without
+grain (the GPU image) ``plain_loader`` serves the batches and prepared datasets are refused with one line.
 ``save_for_eval`` puts the tokenizer and the validation tokens in the run directory, so evaluation and sampling
 need nothing else (``load_run_corpus``).
 """
@@ -320,10 +321,9 @@ def prepare(inputs: str, output: str, tokenizer_spec: str = "byte", fmt: str = "
             val_fraction: float = 0.02, bpe_vocab_size: int = 4096, chunk_len: int = 65536,
             shard_tokens: int = 64 << 20, decode_errors: str = "strict") -> dict:
     """Tokenises a corpus into ArrayRecord shards (train-*, val-*) plus meta.json and the tokenizer."""
-    try:
-        from array_record.python.array_record_module import ArrayRecordWriter
-    except ImportError:  # installed with grain
-        raise UsageError("prepare writes ArrayRecord shards and needs grain (pip install grain)") from None
+    if grain is None:  # array_record comes with grain
+        raise UsageError("prepare writes ArrayRecord shards and needs grain (pip install grain)")
+    from array_record.python.array_record_module import ArrayRecordWriter
 
     if os.path.exists(os.path.join(output, PREPARED_META)):
         raise UsageError(f"{output} already holds a prepared dataset; choose another --output")

@@ -5,8 +5,9 @@ stream, each global batch the next ``global_batch`` positions of it with every h
 may span an epoch boundary.  The permutations differ from Grain's, so the two loaders give different batch
 orders, and a run resumes only with the loader that wrote its checkpoints (``checkpointing.Checkpointer``).
 
-Its state is the number of global batches consumed, the same on every host, so one JSON item written by the
-primary host restores every host.
+Its state is the position in that stream (windows consumed by all hosts together), the same on every host, so
+one JSON item written by the primary host restores every host.  As with Grain's, a state is a position only:
+restored into an iterator with another seed or batch size (``resume_override``), it continues from there.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class WindowBatches:
     def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
         self.source, self.seed, self.n = source, int(seed), len(source)
         self.global_batch, self.process_index, self.process_count = global_batch, process_index, process_count
-        self.batches = 0
+        self.pos = 0
         self._epoch, self._order = -1, None
 
     def __iter__(self):
@@ -34,19 +35,15 @@ class WindowBatches:
         return self.source[int(self._order[pos % self.n])]
 
     def __next__(self) -> np.ndarray:
-        start = self.batches * self.global_batch + self.process_index
-        batch = np.stack([self._window(p) for p in range(start, start + self.global_batch - self.process_index,
+        batch = np.stack([self._window(p) for p in range(self.pos + self.process_index, self.pos + self.global_batch,
                                                           self.process_count)])
-        self.batches += 1
+        self.pos += self.global_batch
         return batch.astype(np.int32)
 
     def get_state(self) -> dict:
-        return {"loader": LOADER, "batches": self.batches, "seed": self.seed, "windows": self.n,
-                "global_batch": self.global_batch}
+        return {"loader": LOADER, "pos": self.pos}
 
     def set_state(self, state: dict) -> None:
-        want = {k: v for k, v in self.get_state().items() if k != "batches"}
-        got = {k: state.get(k) for k in want}
-        if got != want:
-            raise ValueError(f"iterator state {got} is for another data order than this run's {want}")
-        self.batches = int(state["batches"])
+        if not isinstance(state, dict) or state.get("loader") != LOADER or not isinstance(state.get("pos"), int):
+            raise ValueError(f"not a {LOADER} iterator state: {str(state)[:100]}")
+        self.pos = state["pos"]

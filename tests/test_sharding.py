@@ -172,6 +172,18 @@ def test_train_steps_under_each_layout_match_one_device(rng, name):
         NamedSharding(values.sharding.mesh, want_spec), values.ndim)
 
 
+def save_at(mngr, at_step: int, record):
+    """A ``_run_steps`` hook: checkpoints (params, opt_state) after step ``at_step`` and hands the saved model
+    state to ``record``, so one run is both the saved run and the reference that the restored runs continue."""
+    def hook(step, ms, os_):
+        if step == at_step:
+            mngr.save(at_step, args=ocp.args.Composite(params=ocp.args.StandardSave(ms),
+                                                       opt_state=ocp.args.StandardSave(os_)))
+            mngr.wait_until_finished()
+            record(ms)
+    return hook
+
+
 def test_checkpoint_saved_under_one_layout_restores_under_another_and_on_one_device(tmp_path, rng):
     """Saved number-wise on 2×4, restored column-split on fsdp 2×4 and on one device. The two targets are
     test_train_steps_under_each_layout_match_one_device's programs (dimension_wise, one device), so they compile
@@ -180,16 +192,10 @@ def test_checkpoint_saved_under_one_layout_restores_under_another_and_on_one_dev
     cfg_a = _train_cfg(LAYOUTS["number_wise"], MESHES[0])
     mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
     saved = {}
-
-    def save_after_two(step, ms, os_):
-        if step == 2:
-            mngr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(ms),
-                                                 opt_state=ocp.args.StandardSave(os_)))
-            mngr.wait_until_finished()
-            saved["values"] = np.asarray(ms["memories"][0]["values"][...])
+    record = lambda ms: saved.update(values=np.asarray(ms["memories"][0]["values"][...]))  # noqa: E731
 
     # layout A saves after batches 0-1 and continues over batches 0-3: the reference of the restored runs
-    losses_a, _, _ = _run_steps(cfg_a, 6, np.concatenate([tokens[:2], tokens]), after_step=save_after_two)
+    losses_a, _, _ = _run_steps(cfg_a, 6, np.concatenate([tokens[:2], tokens]), after_step=save_at(mngr, 2, record))
     reference = losses_a[2:]
 
     for cfg_b in (_train_cfg(LAYOUTS["dimension_wise"], MESHES[1]), _train_cfg({}, ONE_DEVICE)):

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-from test_sharding import MESHES, ONE_DEVICE, TOL, _collectives, _run_steps
+from test_sharding import MESHES, ONE_DEVICE, TOL, _collectives, _run_steps, save_at
 
 from ultramem_jax import MemoryConfig, ModelConfig, lookup
 from ultramem_jax.checkpointing import abstract_like
@@ -263,17 +263,11 @@ def test_shared_table_checkpoint_restores_under_another_layout(tmp_path, rng, mo
     cfg_a = _train_cfg(model, LAYOUTS["number_wise"], DATA)
     mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
     saved = {}
-
-    def save_after_two(step, ms, os_):
-        if step == 2:
-            mngr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(ms),
-                                                 opt_state=ocp.args.StandardSave(os_)))
-            mngr.wait_until_finished()
-            saved.update({k: np.asarray(ms["memory_table"][k][...])
-                          for k in (("values", "pre_values") if model != "memplus" else ("values",))})
+    names = ("values", "pre_values") if model != "memplus" else ("values",)
+    record = lambda ms: saved.update({k: np.asarray(ms["memory_table"][k][...]) for k in names})  # noqa: E731
 
     # layout A saves after batches 0-1 and continues over batches 0-3: the reference of the restored run
-    losses_a, _, _ = _run_steps(cfg_a, 6, np.concatenate([tokens[:2], tokens]), after_step=save_after_two)
+    losses_a, _, _ = _run_steps(cfg_a, 6, np.concatenate([tokens[:2], tokens]), after_step=save_at(mngr, 2, record))
     reference = losses_a[2:]
 
     for cfg_b in (_train_cfg(model, LAYOUTS["hybrid"], FSDP),):

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ultramem_jax import checkpointing, data, plain_loader
+from ultramem_jax import data, plain_loader
 from ultramem_jax.checkpointing import Checkpointer, abstract_like, array_checksums
 from ultramem_jax.errors import UsageError
 from ultramem_jax.train_config import config_fingerprint, load_config, resume_overrides
@@ -143,8 +143,7 @@ def test_resume_override_names_only_checked_keys():
 
 
 def test_without_grain_the_plain_iterator_resumes_exactly(tmp_path, rng, monkeypatch):
-    monkeypatch.setattr(data, "grain", None)  # as on the GPU image
-    monkeypatch.setattr(checkpointing, "grain", None)
+    monkeypatch.setattr(data, "grain", None)  # as on the GPU image (checkpointing follows data)
     stream = data.ArrayStream(rng.integers(0, 200, 4000).astype(np.int32))
     seed = int(rng.integers(1 << 30))
     it = data.train_dataset(stream, 16, 4, seed=seed)

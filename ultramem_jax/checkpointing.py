@@ -20,13 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ultramem_jax import plain_loader
+from ultramem_jax import data, plain_loader
 from ultramem_jax.errors import UsageError, warn
-
-try:
-    import grain
-except ImportError:  # data.train_dataset then gives plain_loader's iterator
-    grain = None
 
 
 def abstract_like(tree):
@@ -110,9 +105,10 @@ class Checkpointer:
         self._open()
 
     def _open(self):
-        self.loader = "grain" if grain is not None else plain_loader.LOADER  # which one data.train_dataset gives
+        # which iterator data.train_dataset gives: data owns the one optional import of grain
+        self.loader = "grain" if data.grain is not None else plain_loader.LOADER
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "data_iter": grain.checkpoint.CheckpointHandler() if grain is not None
+                    "data_iter": data.grain.checkpoint.CheckpointHandler() if data.grain is not None
                     else ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers), item_handlers=handlers,
                                              options=ocp.CheckpointManagerOptions(**self._options))
@@ -132,7 +128,8 @@ class Checkpointer:
 
     def _iter_args(self, data_iter, save: bool):
         if self.loader == "grain":
-            return (grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore)(data_iter)
+            checkpoint = data.grain.checkpoint
+            return (checkpoint.CheckpointSave if save else checkpoint.CheckpointRestore)(data_iter)
         return ocp.args.JsonSave(data_iter.get_state()) if save else ocp.args.JsonRestore()
 
     def wait(self):
@@ -173,7 +170,7 @@ class Checkpointer:
             if written_by != self.loader:
                 raise UsageError(f"the checkpoints in {self.directory} hold a {written_by} data iterator, and this "
                                  f"environment's is {self.loader} (grain is "
-                                 f"{'installed' if grain is not None else 'not installed'}): resume where the "
+                                 f"{'installed' if data.grain is not None else 'not installed'}): resume where the "
                                  "run started, or use another output_dir")
             diffs = [d for d in _diff(meta.get("fingerprint", {}), fingerprint)
                      if not any(d[0] == a or d[0].startswith(a + ".") for a in allowed)]

@@ -59,12 +59,13 @@ def train_run(name: str | None, overrides: list[str], out_root: str, reuse: bool
             return found
     # A run cut short (a session that ended, a kill) whose partial record holds this exact config resumes from
     # its last checkpoint: train.py resumes bitwise-identically (tests/test_train_cli.py), so long runs can span
-    # sessions. Anything else in the directory is stale and goes.
+    # sessions. Anything else in the directory (a short run cut before any checkpoint too) is stale and goes.
     partial_file = os.path.join(out, "benchmark_partial.json")
     earlier_seconds = 0.0
     if os.path.exists(out):
         partial = _read_json(partial_file)
-        if partial.get("config") == resolved and os.path.isdir(os.path.join(out, "checkpoints")):
+        checkpoints = os.path.join(out, "checkpoints")
+        if partial.get("config") == resolved and os.path.isdir(checkpoints) and os.listdir(checkpoints):
             earlier_seconds = partial.get("seconds", 0.0)
             print(f"resuming the cut-short run {name} ({earlier_seconds:.0f} s so far)", file=sys.stderr)
         else:

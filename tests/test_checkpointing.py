@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ultramem_jax import data
+from ultramem_jax import data, plain_loader
 from ultramem_jax.checkpointing import Checkpointer, abstract_like, array_checksums
 from ultramem_jax.errors import UsageError
 from ultramem_jax.train_config import config_fingerprint, load_config, resume_overrides
@@ -119,7 +119,8 @@ MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.m
 def test_resume_rules(tmp_path, change, refused):
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
     base = load_config(MICRO)
-    ckpt.manager.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"fingerprint": config_fingerprint(base)})))
+    ckpt.manager.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"fingerprint": config_fingerprint(base),
+                                                                          "data_loader": ckpt.loader})))
     ckpt.wait()
     cfg = load_config(MICRO + [change])
     if refused is None:
@@ -139,3 +140,36 @@ def test_resume_rules(tmp_path, change, refused):
 def test_resume_override_names_only_checked_keys():
     with pytest.raises(UsageError, match="'log_every' is not a key a resume checks"):
         resume_overrides(load_config(MICRO + ["resume_override=log_every"]))
+
+
+def test_without_grain_the_plain_iterator_resumes_exactly(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(data, "grain", None)  # as on the GPU image (checkpointing follows data)
+    stream = data.ArrayStream(rng.integers(0, 200, 4000).astype(np.int32))
+    seed = int(rng.integers(1 << 30))
+    it = data.train_dataset(stream, 16, 4, seed=seed)
+    assert isinstance(it, plain_loader.WindowBatches)
+    [next(it) for _ in range(int(rng.integers(1, 130)))]  # 62 batches an epoch
+    params, opt = _state(rng), _state(rng)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(5, params, opt, it, {"step": 5})
+    ckpt.wait()
+    want = [next(it) for _ in range(5)]
+    fresh = data.train_dataset(stream, 16, 4, seed=seed)
+    step, restored, _, _ = Checkpointer(ckpt.directory).restore_latest(abstract_like(params), abstract_like(opt),
+                                                                       fresh)
+    assert step == 5 and ckpt.loader == plain_loader.LOADER
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(params["w"]))
+    for w in want:
+        np.testing.assert_array_equal(next(fresh), w)
+
+
+def test_a_checkpoint_resumes_only_with_the_loader_that_wrote_it(tmp_path):
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    other = "grain" if ckpt.loader == plain_loader.LOADER else plain_loader.LOADER
+    fingerprint = config_fingerprint(load_config(MICRO))
+    ckpt.manager.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"fingerprint": fingerprint,
+                                                                          "data_loader": other})))
+    ckpt.wait()
+    with pytest.raises(UsageError, match=f"hold a {other} data iterator, and this environment's is {ckpt.loader}"):
+        ckpt.check_compatible(fingerprint)
+    assert ckpt.steps() == [1] and sorted(os.listdir(ckpt.directory)) == ["1"]

@@ -10,6 +10,9 @@ from ultramem_jax.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 from ultramem_jax.train_config import DataConfig
 
 
+NEEDS_GRAIN = pytest.mark.skipif(data.grain is None, reason="prepared (ArrayRecord) datasets need grain")
+
+
 def _write_text(path, rng, paragraphs=60):
     words = ["alpha", "beta", "gamma", "delta", "omega", "lorem", "ipsum", "memory", "value", "key"]
     with open(path, "w") as f:
@@ -33,6 +36,7 @@ def test_windows_pack_the_stream_without_gaps(rng):
         np.testing.assert_array_equal(src[i], tokens[i * 16:i * 16 + 17])  # targets overlap the next window
 
 
+@NEEDS_GRAIN
 def test_prepared_arrayrecord_stream_matches_in_memory(tmp_path, rng):
     path = tmp_path / "corpus.txt"
     _write_text(path, rng, paragraphs=300)
@@ -143,6 +147,17 @@ def test_concat_stream_reads_across_the_seam(rng):
         np.testing.assert_array_equal(stream.read(start, length), whole[start:start + length])
 
 
+def test_without_grain_prepared_datasets_fail_clearly(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(data, "grain", None)  # as on the GPU image
+    path = tmp_path / "corpus.txt"
+    _write_text(path, rng)
+    with pytest.raises(UsageError, match="needs grain"):
+        data.prepare(str(path), str(tmp_path / "prep"))
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]
+    with pytest.raises(UsageError, match="need grain"):
+        data.ArrayRecordStream([str(tmp_path / "train-00000-of-00001.arrayrecord")], 97, 1000)
+
+
 def test_val_dataset_replaces_the_document_split(tmp_path, rng):
     train_path, val_path = tmp_path / "train.txt", tmp_path / "val.txt"
     _write_text(train_path, rng, paragraphs=40)
@@ -156,6 +171,8 @@ def test_val_dataset_replaces_the_document_split(tmp_path, rng):
         w = want(path)
         w[w == 0xFF] = eos  # every paragraph, whole, then an end-of-document token
         np.testing.assert_array_equal(stream.read(0, len(stream)), w)
+    if data.grain is None:  # a prepared validation set needs grain (the test above checks the refusal)
+        return
     prep = tmp_path / "prep"
     data.prepare(str(val_path), str(prep), "bpe", bpe_vocab_size=300)
     with pytest.raises(UsageError, match="another tokenizer"):

@@ -23,6 +23,7 @@ LAYOUTS = {  # on a (data, fsdp, tensor) mesh; tokens are split over data and fs
     "rows_over_token_axes": {"rows": ["data", "fsdp"]},
 }
 MESHES = [{"data": 2, "fsdp": 1, "tensor": 4}, {"data": 1, "fsdp": 2, "tensor": 4}, {"data": 1, "fsdp": 1, "tensor": 8}]
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 TOL = dict(rtol=2e-5, atol=2e-5)  # f32; only the order of the partial sums differs from one device
 
 
@@ -137,7 +138,7 @@ def _train_cfg(layout_cfg, mesh_cfg):
                                          memory_placement="0:1"))
 
 
-def _run_steps(cfg, steps, tokens, restore=None):
+def _run_steps(cfg, steps, tokens, restore=None, after_step=None):
     n = int(np.prod(list(cfg.mesh.values())))
     mesh = make_mesh(cfg.mesh, jax.devices()[:n])
     rules = logical_rules(cfg.logical_axis_rules, mesh)
@@ -152,13 +153,15 @@ def _run_steps(cfg, steps, tokens, restore=None):
     for t in tokens[:steps]:
         ms, os_, usage, m = step(ms, os_, usage, jax.device_put(t, bs))
         losses.append(float(m["loss"]))
+        if after_step is not None:
+            after_step(len(losses), ms, os_)
     return losses, ms, os_
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_train_steps_under_each_layout_match_one_device(rng, name):
     tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
-    want, _, _ = _run_steps(_train_cfg({}, {"data": 1, "fsdp": 1, "tensor": 1}), 3, tokens)
+    want, _, _ = _run_steps(_train_cfg({}, ONE_DEVICE), 3, tokens)
     got, ms, _ = _run_steps(_train_cfg(LAYOUTS[name], MESHES[1]), 3, tokens)
     np.testing.assert_allclose(got, want, rtol=1e-4)
     values = ms["memories"][0]["values"][...]
@@ -169,22 +172,38 @@ def test_train_steps_under_each_layout_match_one_device(rng, name):
         NamedSharding(values.sharding.mesh, want_spec), values.ndim)
 
 
-def test_checkpoint_saved_under_one_layout_restores_under_another_and_on_one_device(tmp_path, rng):
-    tokens = rng.integers(0, 64, (6, 8, 17)).astype(np.int32)
-    cfg_a = _train_cfg(LAYOUTS["number_wise"], MESHES[0])
-    _, ms, os_ = _run_steps(cfg_a, 2, tokens)
-    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
-    mngr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(ms), opt_state=ocp.args.StandardSave(os_)))
-    mngr.wait_until_finished()
-    saved_values = np.asarray(ms["memories"][0]["values"][...])
-    reference, _, _ = _run_steps(cfg_a, 4, tokens, restore=lambda *_: (ms, os_))  # continue on layout A
+def save_at(mngr, at_step: int, record):
+    """A ``_run_steps`` hook: checkpoints (params, opt_state) after step ``at_step`` and hands the saved model
+    state to ``record``, so one run is both the saved run and the reference that the restored runs continue."""
+    def hook(step, ms, os_):
+        if step == at_step:
+            mngr.save(at_step, args=ocp.args.Composite(params=ocp.args.StandardSave(ms),
+                                                       opt_state=ocp.args.StandardSave(os_)))
+            mngr.wait_until_finished()
+            record(ms)
+    return hook
 
-    for cfg_b in (_train_cfg(LAYOUTS["dimension_wise"], MESHES[2]), _train_cfg({}, {"data": 1})):
+
+def test_checkpoint_saved_under_one_layout_restores_under_another_and_on_one_device(tmp_path, rng):
+    """Saved number-wise on 2×4, restored column-split on fsdp 2×4 and on one device. The two targets are
+    test_train_steps_under_each_layout_match_one_device's programs (dimension_wise, one device), so they compile
+    once per session."""
+    tokens = rng.integers(0, 64, (4, 8, 17)).astype(np.int32)
+    cfg_a = _train_cfg(LAYOUTS["number_wise"], MESHES[0])
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    saved = {}
+    record = lambda ms: saved.update(values=np.asarray(ms["memories"][0]["values"][...]))  # noqa: E731
+
+    # layout A saves after batches 0-1 and continues over batches 0-3: the reference of the restored runs
+    losses_a, _, _ = _run_steps(cfg_a, 6, np.concatenate([tokens[:2], tokens]), after_step=save_at(mngr, 2, record))
+    reference = losses_a[2:]
+
+    for cfg_b in (_train_cfg(LAYOUTS["dimension_wise"], MESHES[1]), _train_cfg({}, ONE_DEVICE)):
         def restore(ms_b, os_b):
             out = mngr.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(ms_b)),
                                                           opt_state=ocp.args.StandardRestore(abstract_like(os_b))))
             values = out["params"]["memories"][0]["values"][...]
-            np.testing.assert_array_equal(np.asarray(values), saved_values)
+            np.testing.assert_array_equal(np.asarray(values), saved["values"])
             assert values.sharding.spec == ms_b["memories"][0]["values"][...].sharding.spec
             return out["params"], out["opt_state"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-from test_sharding import MESHES, TOL, _collectives, _run_steps
+from test_sharding import MESHES, ONE_DEVICE, TOL, _collectives, _run_steps, save_at
 
 from ultramem_jax import MemoryConfig, ModelConfig, lookup
 from ultramem_jax.checkpointing import abstract_like
@@ -244,7 +244,7 @@ def test_train_steps_under_each_layout_match_one_device(rng, model):
     layout's forward and gradients are checked at the lookup above; this checks the model and optimizer around
     it (one layout keeps `make test` short)."""
     tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
-    want, _, _ = _run_steps(_train_cfg(model, {}, {"data": 1, "fsdp": 1, "tensor": 1}), 3, tokens)
+    want, _, _ = _run_steps(_train_cfg(model, {}, ONE_DEVICE), 3, tokens)
     for name, spec in [("hybrid", TABLE_SPECS["hybrid"])]:
         got, ms, _ = _run_steps(_train_cfg(model, LAYOUTS[name], FSDP), 3, tokens)
         np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
@@ -256,19 +256,21 @@ def test_train_steps_under_each_layout_match_one_device(rng, model):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["v2_shared"])  # Memory+'s pool is one table, as V1's (tests/test_sharding.py)
 def test_shared_table_checkpoint_restores_under_another_layout(tmp_path, rng, model):
-    """V2's shared P and V saved number-wise on 2×4 restore column-split on 1×8, and training continues as it
-    would have (restoring onto one device is V1's test: the same code path)."""
+    """V2's shared P and V saved number-wise on 2×4 restore under the hybrid layout (rows over fsdp, columns over
+    tensor) on fsdp 2×4, test_train_steps_under_each_layout_match_one_device's program, and training continues as
+    it would have (restoring onto one device is V1's test: the same code path)."""
     tokens = rng.integers(0, 64, (4, 8, 17)).astype(np.int32)
     cfg_a = _train_cfg(model, LAYOUTS["number_wise"], DATA)
-    _, ms, os_ = _run_steps(cfg_a, 2, tokens)
     mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
-    mngr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(ms), opt_state=ocp.args.StandardSave(os_)))
-    mngr.wait_until_finished()
-    saved = {k: np.asarray(ms["memory_table"][k][...])
-             for k in (("values", "pre_values") if model != "memplus" else ("values",))}
-    reference, _, _ = _run_steps(cfg_a, 4, tokens, restore=lambda *_: (ms, os_))
+    saved = {}
+    names = ("values", "pre_values") if model != "memplus" else ("values",)
+    record = lambda ms: saved.update({k: np.asarray(ms["memory_table"][k][...]) for k in names})  # noqa: E731
 
-    for cfg_b in (_train_cfg(model, LAYOUTS["dimension_wise"], MESHES[2]),):
+    # layout A saves after batches 0-1 and continues over batches 0-3: the reference of the restored run
+    losses_a, _, _ = _run_steps(cfg_a, 6, np.concatenate([tokens[:2], tokens]), after_step=save_at(mngr, 2, record))
+    reference = losses_a[2:]
+
+    for cfg_b in (_train_cfg(model, LAYOUTS["hybrid"], FSDP),):
         def restore(ms_b, os_b):
             out = mngr.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(ms_b)),
                                                           opt_state=ocp.args.StandardRestore(abstract_like(os_b))))

@@ -3,7 +3,7 @@
 Items per step (MaxText-style names):
   ``params``     the model state: parameters plus the TDQKR vectors and IVE permutation (enough to evaluate)
   ``opt_state``  the optimizer state
-  ``data_iter``  the Grain iterator position
+  ``data_iter``  the Grain iterator position (without grain: plain_loader's global position, as JSON)
   ``meta``       JSON: step, the run config, its fingerprint (what a resume must agree with) and a checksum of
                  every saved array (verified on every restore: a flipped byte that still decodes is caught)
 Restores target the *current* mesh, so a checkpoint loads onto whatever devices are present.
@@ -15,12 +15,12 @@ import json
 import os
 import shutil
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ultramem_jax import data, plain_loader
 from ultramem_jax.errors import UsageError, warn
 
 
@@ -105,8 +105,11 @@ class Checkpointer:
         self._open()
 
     def _open(self):
+        # which iterator data.train_dataset gives: data owns the one optional import of grain
+        self.loader = "grain" if data.grain is not None else plain_loader.LOADER
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "data_iter": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+                    "data_iter": data.grain.checkpoint.CheckpointHandler() if data.grain is not None
+                    else ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers), item_handlers=handlers,
                                              options=ocp.CheckpointManagerOptions(**self._options))
 
@@ -115,12 +118,19 @@ class Checkpointer:
 
     def save(self, step: int, params, opt_state, data_iter, meta: dict):
         """Saves (asynchronously unless disabled); ``meta`` gets the arrays' checksums, taken now."""
-        meta = dict(meta, checksums={"params": array_checksums(params), "opt_state": array_checksums(opt_state)})
+        meta = dict(meta, checksums={"params": array_checksums(params), "opt_state": array_checksums(opt_state)},
+                    data_loader=self.loader)
         if jax.process_count() == 1:  # each process has its own iterator position; meta is written by one
             meta["checksums"]["data_iter"] = _state_hash(data_iter)
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)))
+            data_iter=self._iter_args(data_iter, save=True), meta=ocp.args.JsonSave(meta)))
+
+    def _iter_args(self, data_iter, save: bool):
+        if self.loader == "grain":
+            checkpoint = data.grain.checkpoint
+            return (checkpoint.CheckpointSave if save else checkpoint.CheckpointRestore)(data_iter)
+        return ocp.args.JsonSave(data_iter.get_state()) if save else ocp.args.JsonRestore()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -156,6 +166,12 @@ class Checkpointer:
                 meta = self.read_meta(step)
             except Exception:
                 continue  # unreadable: restore_latest deals with it
+            written_by = meta.get("data_loader", "grain")  # checkpoints from before the fallback: grain
+            if written_by != self.loader:
+                raise UsageError(f"the checkpoints in {self.directory} hold a {written_by} data iterator, and this "
+                                 f"environment's is {self.loader} (grain is "
+                                 f"{'installed' if data.grain is not None else 'not installed'}): resume where the "
+                                 "run started, or use another output_dir")
             diffs = [d for d in _diff(meta.get("fingerprint", {}), fingerprint)
                      if not any(d[0] == a or d[0].startswith(a + ".") for a in allowed)]
             if diffs:
@@ -175,7 +191,9 @@ class Checkpointer:
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
-                    data_iter=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
+                    data_iter=self._iter_args(data_iter, save=False), meta=ocp.args.JsonRestore()))
+                if self.loader != "grain":  # JsonRestore returns the state; grain's handler sets it itself
+                    data_iter.set_state(out["data_iter"])
                 _verify(out["meta"], params=out["params"], opt_state=out["opt_state"], data_iter=data_iter)
             except Exception as e:  # truncated files, missing items, bad JSON, checksum mismatch, ...
                 data_iter.set_state(initial)  # the failed restore may have moved it

@@ -9,7 +9,8 @@
 * ``python -m ultramem_jax.data prepare`` tokenises once into ArrayRecord shards that training then reads
   without holding the corpus in memory.
 
-The Grain iterator state goes into every checkpoint, so a resumed run sees exactly the same batches.
+The Grain iterator state goes into every checkpoint, so a resumed run sees exactly the same batches.  Without
+grain (the GPU image) ``plain_loader`` serves the batches and prepared datasets are refused with one line.
 ``save_for_eval`` puts the tokenizer and the validation tokens in the run directory, so evaluation and sampling
 need nothing else (``load_run_corpus``).
 """
@@ -23,10 +24,15 @@ import json
 import os
 import sys
 
-import grain
 import numpy as np
 
+from ultramem_jax import plain_loader
 from ultramem_jax.errors import UsageError
+
+try:
+    import grain
+except ImportError:  # the GPU image has no grain: train_dataset falls back to plain_loader
+    grain = None
 from ultramem_jax.tokenizer import BPETokenizer, load_tokenizer
 
 SPLIT_SEED = 0x5EED  # the validation split never depends on the training seed
@@ -140,6 +146,9 @@ class ArrayRecordStream:
     """A token stream stored as ArrayRecord shards of fixed-size int32 chunks (written by ``prepare``)."""
 
     def __init__(self, paths: list[str], chunk_len: int, num_tokens: int):
+        if grain is None:
+            raise UsageError("prepared (ArrayRecord) datasets need grain (pip install grain); without it, name the "
+                             "text or jsonl files in data.dataset")
         self.source = grain.sources.ArrayRecordDataSource(paths)
         self.chunk_len, self.num_tokens = chunk_len, num_tokens
 
@@ -312,6 +321,8 @@ def prepare(inputs: str, output: str, tokenizer_spec: str = "byte", fmt: str = "
             val_fraction: float = 0.02, bpe_vocab_size: int = 4096, chunk_len: int = 65536,
             shard_tokens: int = 64 << 20, decode_errors: str = "strict") -> dict:
     """Tokenises a corpus into ArrayRecord shards (train-*, val-*) plus meta.json and the tokenizer."""
+    if grain is None:  # array_record comes with grain
+        raise UsageError("prepare writes ArrayRecord shards and needs grain (pip install grain)")
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if os.path.exists(os.path.join(output, PREPARED_META)):
@@ -348,13 +359,16 @@ def prepare(inputs: str, output: str, tokenizer_spec: str = "byte", fmt: str = "
 
 def train_dataset(stream, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_threads: int = 2, prefetch: int = 8):
-    """Shuffled (per epoch), repeated, per-host sliced batches of packed windows, as a Grain IterDataset."""
+    """Shuffled (per epoch), repeated, per-host sliced batches of packed windows, as a Grain IterDataset (a
+    ``plain_loader.WindowBatches`` where grain is not installed)."""
     source = WindowSource(stream, seq_len)
     if len(source) < global_batch:
         raise UsageError(f"training split has {len(source)} windows of {seq_len + 1} tokens, fewer than "
                          f"batch_size={global_batch}: use more data or smaller batch_size/seq_len")
     if global_batch % process_count:
         raise UsageError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+    if grain is None:
+        return plain_loader.WindowBatches(source, global_batch, seed, process_index, process_count)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))

@@ -29,18 +29,18 @@ def virtual_to_physical(slots: jax.Array, permutation: jax.Array | None, num_val
 
 
 def gather_pool(values_NxD: jax.Array, rows_TxK: jax.Array, blocks_TxK: jax.Array, scores_TxKxC: jax.Array,
-                num_blocks: int, tap_TxKxD: jax.Array | None = None) -> jax.Array:
+                num_blocks: int, gathered_TxKxD: jax.Array | None = None) -> jax.Array:
     """pooled[t, p, c-th slice] = Σ_{k: block[t,k]=p} scores[t,k,c] · values[rows[t,k], c-th slice].
 
     Returns T×E×D.  This reference gathers T×K×D rows; the gradient w.r.t. ``values`` is a scatter-add,
-    exactly zero on rows nobody selected.  With ``tap_TxKxD`` the table is outside autodiff and the gathered
-    rows' gradient is the tap's (the sparse value update's row gradients).
+    exactly zero on rows nobody selected.  ``gathered_TxKxD``: the rows, already read by the caller (the sparse
+    value update's tapped read, lookup.read_rows); ``values`` is then not read.
     """
     T, K = rows_TxK.shape
     C = scores_TxKxC.shape[-1]
     D = values_NxD.shape[-1]
-    gathered_TxKxD = (jnp.take(values_NxD, rows_TxK, axis=0) if tap_TxKxD is None else
-                      jnp.take(jax.lax.stop_gradient(values_NxD), rows_TxK, axis=0) + tap_TxKxD)
+    if gathered_TxKxD is None:
+        gathered_TxKxD = jnp.take(values_NxD, rows_TxK, axis=0)
     rows_TxKxCxd = gathered_TxKxD.reshape(T, K, C, D // C)
     onehot_TxKxE = jax.nn.one_hot(blocks_TxK, num_blocks, dtype=scores_TxKxC.dtype)
     weights_TxKxExC = onehot_TxKxE[..., :, None] * scores_TxKxC[..., None, :]

@@ -54,11 +54,13 @@ def _backend(impl: str) -> tuple[str, bool]:
 
 
 def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int, impl: str = "xla",
-                tap_TxKxD=None):
+                gathered_TxKxD=None):
     """``ive.gather_pool`` by ``impl``.  The TPU kernel DMAs 32-bit rows; other tables take the XLA path, and so
-    does a tapped gather (sparse value updates: the kernels' backward builds the dense table gradient)."""
-    if impl == "xla" or tap_TxKxD is not None or (impl in ("tpu", "interpret") and values_NxD.dtype.itemsize != 4):
-        return ive.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, tap_TxKxD)
+    do rows the caller already read (sparse value updates' tapped read: the kernels' backward builds the dense
+    table gradient)."""
+    if impl == "xla" or gathered_TxKxD is not None or (impl in ("tpu", "interpret") and
+                                                        values_NxD.dtype.itemsize != 4):
+        return ive.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, gathered_TxKxD)
     from pallas_kernels import gather_pool as kernel
     backend, interpret = _backend(impl)
     return kernel.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, backend, interpret)

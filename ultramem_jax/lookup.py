@@ -22,7 +22,9 @@ reduction) and ``gate`` (Memory+: the pooled vector ⊙ gate, before the project
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,27 +47,56 @@ class MemoryLayout:
         return "number_wise" if self.row_axes else ("dimension_wise" if self.col_axes else "replicated")
 
 
-def prevalue_dots(pre_values_NxP, rows_TxK, pre_x_TxP, tap_TxKxP=None):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["m", "v", "last", "step"],
+                   meta_fields=["read"])
+@dataclasses.dataclass(frozen=True)
+class RowSource:
+    """What a tapped lookup needs to read a table's rows as the optimizer holds them at ``step`` (``sparse``
+    value updates, whose table rows lag by the steps they sat out): the table's row state, ``m`` and ``v`` split
+    like the table and ``last`` like its rows, and ``read(rows, m, v, last, step) → rows`` on gathered rows
+    (row_adam.Hyper.read, the catch-up of their skipped steps).  Under a sharded layout each shard gets its own
+    slice, as of the table."""
+    m: jax.Array
+    v: jax.Array
+    last: jax.Array
+    step: jax.Array
+    read: Callable
+
+
+def read_rows(table_NxD, rows_TxK, tap_TxKxD, source: RowSource | None = None):
+    """The tapped gather (sparse value updates): the rows of the table held outside autodiff, caught up by
+    ``source`` when given (else as stored: ``lazy``), plus the tap, whose gradient is then the rows' gradient at
+    the values the forward read."""
+    take = lambda x: jnp.take(x, rows_TxK, axis=0)  # noqa: E731
+    rows_TxKxD = take(jax.lax.stop_gradient(table_NxD))
+    if source is not None:
+        rows_TxKxD = source.read(rows_TxKxD, take(source.m), take(source.v), take(source.last),
+                                 source.step).astype(table_NxD.dtype)
+    return rows_TxKxD + tap_TxKxD
+
+
+def prevalue_dots(pre_values_NxP, rows_TxK, pre_x_TxP, tap_TxKxP=None, source=None):
     """g_k = <P[row_k], pre_x> in float32 (a partial dot when P and pre_x are one column slice).  ``tap_TxKxP``
-    (sparse value updates) is added to the gathered rows, the table then held outside autodiff."""
+    and ``source`` (sparse value updates): the rows are read by ``read_rows``."""
     if tap_TxKxP is None:
         rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0)
     else:
-        rows_TxKxP = jnp.take(jax.lax.stop_gradient(pre_values_NxP), rows_TxK, axis=0) + tap_TxKxP
+        rows_TxKxP = read_rows(pre_values_NxP, rows_TxK, tap_TxKxP, source)
     return jnp.einsum("tkp,tp->tk", rows_TxKxP, pre_x_TxP.astype(rows_TxKxP.dtype),
                       preferred_element_type=jnp.float32)
 
 
 def local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values: int, num_blocks: int,
-                 impl: str = "xla", gate_TxD=None, tap_TxKxD=None):
+                 impl: str = "xla", gate_TxD=None, tap_TxKxD=None, source=None):
     """out[t] = Σ_p W_pᵀ (gate[t] ⊙ Σ_{k: block=p} s_k ⊙ V[row_k]), with (block, row) = divmod(ids, N).
 
     ``out_proj`` None means no projection (PKM with D_v = d_model): the pooled vector is the output.
     ``gate`` None means no gate.  ``impl`` picks the gather-pool implementation (``kernels.resolve``);
-    ``tap_TxKxD`` (sparse value updates) is added to the gathered rows, the table then held outside autodiff.
+    ``tap_TxKxD`` and ``source`` (sparse value updates): the rows are read by ``read_rows``.
     """
     blocks, rows = ids_TxK // num_values, ids_TxK % num_values
-    pooled_TxExD = kernels.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks, impl, tap_TxKxD)
+    gathered = None if tap_TxKxD is None else read_rows(values_NxD, rows, tap_TxKxD, source)
+    pooled_TxExD = kernels.gather_pool(values_NxD, rows, blocks, scores_TxKxC, num_blocks, impl, gathered)
     if gate_TxD is not None:
         pooled_TxExD = pooled_TxExD * gate_TxD[:, None, :].astype(pooled_TxExD.dtype)
     if out_proj_ExDxO is None:
@@ -90,14 +121,16 @@ def _scaled(scores_TxKxC, dots_TxK):
 
 def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC,
                   num_values: int, num_blocks: int, impl: str = "xla", *, pre_values_NxP=None, pre_x_TxP=None,
-                  gate_TxD=None, tap_TxKxD=None, pre_tap_TxKxP=None):
+                  gate_TxD=None, tap_TxKxD=None, pre_tap_TxKxP=None, source: RowSource | None = None,
+                  pre_source: RowSource | None = None):
     """The lookup under ``layout`` (an explicit ``jax.shard_map`` over the ambient mesh), or locally.
 
     With ``pre_values`` (N × D_p, split like V) and ``pre_x`` (T × D_p), token k's scores are scaled by
     g_k = <P[row_k], pre_x> (UltraMemV2); ``gate`` (T × D_v) multiplies the pooled vector (Memory+).
     ``tap_TxKxD`` and ``pre_tap_TxKxP`` (``new_tap``; sparse value updates) are added to the gathered value and
     pre-value rows; a tapped V2 lookup takes the unfused path (pre-value dots, then the tapped gather-pool), as
-    a tapped gather-pool takes XLA's: the kernels' backward builds the dense table gradients.
+    a tapped gather-pool takes XLA's: the kernels' backward builds the dense table gradients.  ``source`` and
+    ``pre_source`` (whole, as the tables: each shard gets its slice) catch the gathered rows up first.
     """
     tapped = tap_TxKxD is not None or pre_tap_TxKxP is not None
     if layout is None or layout.kind == "replicated":
@@ -105,10 +138,10 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             return fused_prevalue_lookup(pre_values_NxP, values_NxD, out_proj_ExDxO, ids_TxK % num_values,
                                          pre_x_TxP, scores_TxKxC, impl)
         if pre_values_NxP is not None:
-            dots_TxK = prevalue_dots(pre_values_NxP, ids_TxK % num_values, pre_x_TxP, pre_tap_TxKxP)
+            dots_TxK = prevalue_dots(pre_values_NxP, ids_TxK % num_values, pre_x_TxP, pre_tap_TxKxP, pre_source)
             scores_TxKxC = _scaled(scores_TxKxC, dots_TxK)
         return local_lookup(values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, num_values, num_blocks, impl,
-                            gate_TxD, tap_TxKxD)
+                            gate_TxD, tap_TxKxD, source)
     R, C, B = layout.row_axes, layout.col_axes, layout.token_axes
     gather_axes = tuple(a for a in B if a in R + C)  # table shards that also hold different tokens
     sum_axes = tuple(a for a in R + C if a not in B)  # table shards that hold the same tokens
@@ -146,7 +179,7 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
         shard_G = base + jnp.asarray(sum(c * stride[a] for c, a in zip(coords, gather_axes)), jnp.int32)
         return (shard_G[:, None] * width + jnp.arange(width)).reshape(-1)
 
-    def body(values_loc, out_proj_loc, ids, scores, pre_values_loc, pre_x, gate, tap, pre_tap):
+    def body(values_loc, out_proj_loc, ids, scores, pre_values_loc, pre_x, gate, tap, pre_tap, source, pre_source):
         col0 = 0
         if C and slice_before_gather:
             scores, col0 = my_cores(scores, values_loc.shape[1])
@@ -170,10 +203,11 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
             out = fused_prevalue_lookup(pre_values_loc, values_loc, out_proj_loc, rows, pre_x, scores, impl)
         else:
             if pre_values_loc is not None:  # column shards sum T×K partial dots before weighting
-                dots = prevalue_dots(pre_values_loc, rows, pre_x, None if pre_tap is None else pre_tap[0])
+                dots = prevalue_dots(pre_values_loc, rows, pre_x, None if pre_tap is None else pre_tap[0],
+                                     pre_source)
                 scores = _scaled(scores, jax.lax.psum(dots, C) if C else dots)
             out = local_lookup(values_loc, out_proj_loc, blocks * n_loc + rows, scores, n_loc, num_blocks, impl,
-                               gate, None if tap is None else tap[0])
+                               gate, None if tap is None else tap[0], source)
         if out_proj_loc is None:  # no projection: place the column slice in a D-wide partial sum
             zeros = jnp.zeros((out.shape[0], d_out), out.dtype)
             out = jax.lax.dynamic_update_slice_in_dim(zeros, out, col0, axis=1)
@@ -188,13 +222,16 @@ def memory_lookup(layout: MemoryLayout | None, values_NxD, out_proj_ExDxO, ids_T
     tok_cols = P(_spec(B), None if cols_split_tokens else _spec(C))
     opt = lambda a, spec: None if a is None else spec  # noqa: E731
     taps = P(_spec(tap_axes(layout)), None, None, None)
+    def sources(s):  # a row source splits as its table: moments like the table, step counts like its rows
+        return None if s is None else dataclasses.replace(s, m=table, v=table, last=P(_spec(R)), step=P())
+
     in_specs = (table, opt(out_proj_ExDxO, P(None, _spec(C), None)), tok, P(_spec(B), None, None),
                 opt(pre_values_NxP, table), opt(pre_x_TxP, tok_cols), opt(gate_TxD, tok_cols),
-                opt(tap_TxKxD, taps), opt(pre_tap_TxKxP, taps))
+                opt(tap_TxKxD, taps), opt(pre_tap_TxKxP, taps), sources(source), sources(pre_source))
     # check_vma=False: Pallas kernels (the local gather-pool on accelerators) do not carry vma types.
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
         values_NxD, out_proj_ExDxO, ids_TxK, scores_TxKxC, pre_values_NxP, pre_x_TxP, gate_TxD, tap_TxKxD,
-        pre_tap_TxKxP)
+        pre_tap_TxKxP, source, pre_source)
 
 
 def tap_axes(layout: MemoryLayout) -> tuple[str, ...]:

@@ -31,6 +31,12 @@ class ValueTap(nnx.Variable):
     step."""
 
 
+class TapSource(nnx.Variable):
+    """Next to a ``ValueTap`` (``<tap>_source``; ``optim.value_update: sparse``): the tapped table's row state, a
+    ``lookup.RowSource``, so the lookup reads the rows as dense AdamW holds them, their skipped steps caught up.
+    Not differentiated; absent outside that step and with ``lazy`` (rows read as stored)."""
+
+
 class TuckerVectors(nnx.Variable):
     """The detached leading singular vectors (u, t) used for the pre-selection; refreshed once per step.
 
@@ -205,7 +211,7 @@ class UltraMemLayer(nnx.Module):
         # the table goes in uncast: the lookup casts only the rows it reads to the scores' dtype
         out_TxD = lookup.memory_lookup(self.layout, self.values[...], out_proj, ids_TxK,
                                        scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.num_values, cfg.expansion,
-                                       impl=self.impl, tap_TxKxD=self._value_tap())
+                                       impl=self.impl, tap_TxKxD=self._value_tap(), source=self._tap_source())
         return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMxC, ids_TxK % cfg.num_values, balance)
 
     def _select(self, x_TxD):
@@ -219,6 +225,11 @@ class UltraMemLayer(nnx.Module):
         rows: ``pre_value_tap``), or None."""
         tap = getattr(self, name, None)
         return None if tap is None else tap[...]
+
+    def _tap_source(self, name: str = "value_tap"):
+        """The ``lookup.RowSource`` the train step put next to tap ``name`` (``TapSource``), or None."""
+        source = getattr(self, name + "_source", None)
+        return None if source is None else source.get_value()
 
     def table_rows(self, rows_TxK):
         """``info['rows']`` (what usage counts) as rows of the table this layer reads: the same rows here."""

@@ -59,5 +59,5 @@ class MemoryPlusLayer(UltraMemLayer):
         # gate and W_v inside the lookup: a column shard projects its gated slice, one D-wide reduction
         out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...][None], slots_TxK,
                                        weights_TxHxMx1.reshape(-1, K, 1), cfg.num_values, 1, impl=self.impl,
-                                       gate_TxD=gate_TxV, tap_TxKxD=self._value_tap())
+                                       gate_TxD=gate_TxV, tap_TxKxD=self._value_tap(), source=self._tap_source())
         return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMx1, slots_TxK, balance)

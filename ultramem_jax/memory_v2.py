@@ -102,7 +102,8 @@ class UltraMemV2Layer(UltraMemLayer):
         out_TxD = lookup.memory_lookup(self.layout, table.values[...], self.out_proj[...], rows_TxK,
                                        scores_TxHxMxC.reshape(-1, K, cfg.cores), cfg.table_rows, 1, impl=self.impl,
                                        pre_values_NxP=table.pre_values[...], pre_x_TxP=pre_TxP,
-                                       tap_TxKxD=self._value_tap(), pre_tap_TxKxP=self._value_tap("pre_value_tap"))
+                                       tap_TxKxD=self._value_tap(), pre_tap_TxKxP=self._value_tap("pre_value_tap"),
+                                       source=self._tap_source(), pre_source=self._tap_source("pre_value_tap"))
         return self._finish(out_TxD, x_BxSxD.shape, raw_TxHxMxC, local_TxK, balance)
 
     def table_rows(self, rows_TxK):

@@ -102,6 +102,12 @@ class Hyper:
                 full[i] += ratios[i] ** d * terms[i][np.minimum(jj, len(j) - 1)] * decay
         self.full_tables = tuple(f.astype(np.float32) for f in full)
 
+    def read(self, p, m, v, last, step):
+        """Gathered rows ``p`` as dense AdamW holds them before step ``step``: their skipped steps since ``last``
+        caught up (``_catch_up``'s parameter part).  The sparse train step's lookups read the rows through this
+        (``lookup.RowSource``), so the forward pass sees dense AdamW's parameters."""
+        return _catch_up(self, p, m, v, last, step)[0]
+
 
 def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
     """(ids_U, grads_UxD): each distinct row once with its summed gradient; U = T·K slots, the unused ones
@@ -114,8 +120,8 @@ def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
 
 
 def _catch_up(h: Hyper, p, m, v, last, step):
-    """Rows (p, m, v with per-row ``last``) brought from step ``last`` up to ``step`` (exclusive) as dense AdamW
-    would with zero gradients.  B₁, B₂ take O(1) per row: rows absent for ≥ horizon steps read a table indexed
+    """Rows (p, m, v: …×D, ``last``: … per row) brought from step ``last`` up to ``step`` (exclusive) as dense
+    AdamW would with zero gradients.  B₁, B₂ take O(1) per row: rows absent for ≥ horizon steps read a table indexed
     by ``last`` (Hyper.full_tables); the rest share this step's ``horizon`` possible sums (k = 1 … horizon − 1),
     computed once per call."""
     k = step - last
@@ -139,9 +145,9 @@ def _catch_up(h: Hyper, p, m, v, last, step):
                                recent_H[jnp.clip(k, 0, H - 1)]))
     coef_a = jnp.exp(end - decay_at(last))
     coef_b1, coef_b2 = coef_a * coefs[0], coef_a * coefs[1]
-    kf = k.astype(jnp.float32)[:, None]
-    eps = h.eps * jnp.where(coef_b1 > 0, coef_b2 / jnp.where(coef_b1 > 0, coef_b1, 1.0), 1.0)[:, None]
-    p = coef_a[:, None] * p - coef_b1[:, None] * (m / (jnp.sqrt(v) + eps))
+    kf = k.astype(jnp.float32)[..., None]
+    eps = h.eps * jnp.where(coef_b1 > 0, coef_b2 / jnp.where(coef_b1 > 0, coef_b1, 1.0), 1.0)[..., None]
+    p = coef_a[..., None] * p - coef_b1[..., None] * (m / (jnp.sqrt(v) + eps))
     return p, m * b1 ** kf, v * b2 ** kf
 
 

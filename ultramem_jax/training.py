@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from ultramem_jax import data, lookup, row_adam, value_rows
-from ultramem_jax.memory import ValueTap
+from ultramem_jax.memory import TapSource, ValueTap
 from ultramem_jax.optim import clip_factor, make_optimizer, param_labels, value_row_hyper
 from ultramem_jax.params import param_counts
 from ultramem_jax.stats import mean_core_singular_values, memory_health, row_counts, usage_stats
@@ -89,17 +89,24 @@ def _sparse_value_step(model, opt, tokens):
     """Forward, backward and update with row-sparse value tables (row_adam.py): the gradient is taken with
     respect to zero taps on the gathered rows, never the tables; duplicate rows are summed, clipping sees the
     exact value-table norm, and only the touched rows of the tables and moments are written (under a sharded
-    layout, by the shard that owns them: value_rows.py).  A table several layers read (UltraMemV2's, Memory+'s)
-    takes their reads together: one row gradient per touched row, one update.  Returns (loss, (ce, aux)),
-    gradient norms."""
+    layout, by the shard that owns them: value_rows.py).  With ``sparse`` the lookups read the gathered rows
+    caught up to this step from the row state (memory.TapSource), so the forward pass and its gradients are
+    dense AdamW's; ``lazy`` reads them as stored.  A table several layers read (UltraMemV2's, Memory+'s) takes
+    their reads together: one row gradient per touched row, one update.  Returns (loss, (ce, aux)), gradient
+    norms."""
     hyper = opt.value_hyper
     T = tokens.shape[0] * (tokens.shape[1] - 1)
     tables, layers = value_tables(model), model.memories
-    for table, readers in tables:
+    step = opt.step[...].astype(jnp.int32)
+    for (table, readers), state in zip(tables, opt.value_rows):
+        source = (lookup.RowSource(state.m[...], state.v[...], state.last[...], step, hyper.read)
+                  if hyper.mode == "sparse" else None)
         for i, tap in readers:
             c = layers[i].cfg
             setattr(layers[i], tap, ValueTap(lookup.new_tap(layers[i].layout, T, c.heads * c.topk, table.shape[1],
                                                             table.dtype)))
+            if source is not None:
+                setattr(layers[i], tap + "_source", TapSource(source))
     wrt = opt.wrt
     (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, nnx.Any(wrt, ValueTap)),
                                                   has_aux=True)(model, tokens)
@@ -112,6 +119,8 @@ def _sparse_value_step(model, opt, tokens):
     for table, readers in tables:
         for i, tap in readers:
             delattr(layers[i], tap)
+            if hasattr(layers[i], tap + "_source"):
+                delattr(layers[i], tap + "_source")
     other = nnx.state(grads, wrt)
     sq = {"values": sum((r[2] for r in rows), jnp.zeros((), jnp.float32)),
           "other": sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(other)),
@@ -124,7 +133,6 @@ def _sparse_value_step(model, opt, tokens):
     else:  # one clip over every gradient
         value_scale = clip_factor(norms["grad_norm"], hyper.grad_clip)
         other = jax.tree.map(lambda g: (g * value_scale).astype(g.dtype), other)
-    step = opt.step[...].astype(jnp.int32)
     opt.update(model, other)
     for (table, readers), state, (ids, g, _) in zip(tables, opt.value_rows, rows):
         layout = layers[readers[0][0]].layout

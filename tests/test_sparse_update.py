@@ -92,9 +92,9 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
     """UltraMemV2's pre-value and value tables and Memory+'s pool, each read by two layers per step through the
     lookup: the taps' gradients (both reads side by side, duplicates within and across reads summed), one clip over
     both tables' row norms and one row update per table give, after flushes midway and at the end, optax AdamW's
-    tables and moments from the dense gradients of the untapped lookup (V2: the fused gather).  Both take their
-    gradients at the dense run's tables: between flushes a sparse table's untouched rows lag (row_adam applies
-    their skipped steps when they are next updated, not when they are read), which this check leaves out."""
+    tables and moments from the dense gradients of the untapped lookup (V2: the fused gather).  Each run takes its
+    gradients at its own tables: the sparse lookups read rows that sat out steps (up to ~55) caught up from the
+    row state (lookup.RowSource), and V2's gradients depend on the rows read (g_k = <P[row], x> scales V[row])."""
     ocfg = OptimConfig(value_update="sparse", **CASES[case])
     hyper = value_row_hyper(ocfg, STEPS)
     dense = optax.chain(optax.clip_by_global_norm(ocfg.grad_clip),
@@ -109,11 +109,12 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
                   w=rng.normal(size=(T, O)) * 10 ** rng.uniform(-3, 0.5)) for _ in ids_stream]
     out_proj = jnp.asarray(rng.normal(size=(1, D, O)) / np.sqrt(D), jnp.float32)
 
-    def loss(tables, taps, ids, d):
+    def loss(tables, taps, ids, d, sources=None):
         total = 0.0
         for r in range(2):  # two layers read the one table
-            tap = {} if taps is None else dict(tap_TxKxD=taps["values"][r],
-                                                pre_tap_TxKxP=taps["pre_values"][r] if kind == "v2" else None)
+            tap = {} if taps is None else dict(tap_TxKxD=taps["values"][r], source=sources["values"],
+                                                pre_tap_TxKxP=taps["pre_values"][r] if kind == "v2" else None,
+                                                pre_source=sources.get("pre_values"))
             extra = (dict(pre_values_NxP=tables["pre_values"], pre_x_TxP=d["x"][r]) if kind == "v2" else
                      dict(gate_TxD=d["x"][r]))
             out = lookup.memory_lookup(None, tables["values"], out_proj, ids[r], d["scores"][r], N, 1, **extra,
@@ -122,22 +123,24 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
         return total
 
     @jax.jit
-    def sparse_step(tables, states, at, ids, d, step):
+    def sparse_step(tables, states, ids, d, step):
         taps = {n: jnp.zeros((2, T, K, tables[n].shape[1]), jnp.float32) for n in names}
-        g = jax.grad(loss, argnums=1)(at, taps, ids, d)
+        sources = {n: lookup.RowSource(states[n].m[...], states[n].v[...], states[n].last[...], step, hyper.read)
+                   for n in names}
+        value, g = jax.value_and_grad(loss, argnums=1)(tables, taps, ids, d, sources)
         rows = {n: row_adam.sum_duplicates(jnp.concatenate(ids, -1), jnp.concatenate(g[n], -2), N) for n in names}
         scale = clip_factor(jnp.sqrt(sum(jnp.sum(r[1] ** 2) for r in rows.values())), ocfg.grad_clip)
         return {n: row_adam.update(hyper, tables[n], states[n], rows[n][0], rows[n][1] * scale, step)
-                for n in names}, states
+                for n in names}, states, value
 
     flush = jax.jit(lambda tables, states, step: ({n: row_adam.flush(hyper, tables[n], states[n], step)
                                                    for n in names}, states))
 
     @jax.jit
     def dense_step(p, s, ids, d):
-        g = jax.grad(loss)(p, None, ids, d)
+        value, g = jax.value_and_grad(loss)(p, None, ids, d)
         u, s = dense.update(g, s, p)
-        return optax.apply_updates(p, u), s, jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+        return optax.apply_updates(p, u), s, jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g))), value
 
     p_dense = {n: jnp.asarray(t) for n, t in tables0.items()}
     s_dense = dense.init(p_dense)
@@ -147,8 +150,9 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
     for t, (ids, d) in enumerate(zip(ids_stream, draws)):
         ids = jnp.asarray(ids.reshape(2, T, K))
         d = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), d)
-        p_sparse, states = sparse_step(p_sparse, states, p_dense, ids, d, jnp.int32(t))
-        p_dense, s_dense, norm = dense_step(p_dense, s_dense, ids, d)
+        p_sparse, states, got = sparse_step(p_sparse, states, ids, d, jnp.int32(t))
+        p_dense, s_dense, norm, want = dense_step(p_dense, s_dense, ids, d)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6, err_msg=f"loss at step {t}")
         clipped += float(norm) > ocfg.grad_clip
         if t in (STEPS // 2, STEPS - 1):
             p_sparse, states = flush(p_sparse, states, jnp.int32(t + 1))

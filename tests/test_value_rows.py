@@ -28,8 +28,10 @@ T, K, N, D, E, C, O = 16, 6, 32, 8, 2, 2, 12
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_rows_equal_dense_adamw_on_one_device(rng, name):
-    """Three steps of lookup → tap gradient → row_grads → update under the layout (fresh ids with repeats, rows
-    never read): the value norm is the dense gradient's, and the flushed table and moments are optax AdamW's."""
+    """Four steps of lookup → tap gradient → row_grads → update under the layout (fresh ids with repeats, rows
+    that sit out two steps and are read again, rows never read): each step's loss (the lookup reading the
+    rows caught up, lookup.RowSource, sliced like the table) and value norm are the dense run's, and the flushed
+    table and moments are optax AdamW's."""
     layout_cfg, mesh_cfg = CASES[name]
     mesh = make_mesh(mesh_cfg)
     model_cfg = ModelConfig(vocab_size=16, d_model=O, num_layers=2, num_heads=2, memory_placement="0:1",
@@ -43,16 +45,17 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng, name):
     out_proj = jnp.asarray(rng.standard_normal((E, D, O)), jnp.float32)
     weights = jnp.asarray(rng.standard_normal((T, O)), jnp.float32)
 
-    def loss(values, tap, ids, scores, layout):
-        out = lookup.memory_lookup(layout, values, out_proj, ids, scores, N, E, tap_TxKxD=tap)
+    def loss(values, tap, ids, scores, layout, source=None):
+        out = lookup.memory_lookup(layout, values, out_proj, ids, scores, N, E, tap_TxKxD=tap, source=source)
         return jnp.sum(out * weights)
 
     @jax.jit
     def sparse_step(values, state, ids, scores, step):
         tap = lookup.new_tap(layout, T, K, D, jnp.float32)
-        g = jax.grad(loss, argnums=1)(values, tap, ids, scores, layout)
+        source = lookup.RowSource(state.m[...], state.v[...], state.last[...], step, hyper.read)
+        value, g = jax.value_and_grad(loss, argnums=1)(values, tap, ids, scores, layout, source)
         ids_U, grads, sq = value_rows.row_grads(layout, ids % N, g, N)
-        return value_rows.update(layout, hyper, values, state, ids_U, grads, step), state, sq
+        return value_rows.update(layout, hyper, values, state, ids_U, grads, step), state, sq, value
 
     flush = jax.jit(lambda values, state, step: (row_adam.flush(hyper, values, state, step), state))
     dense = optax.adamw(value_lr_schedule(ocfg, 4), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
@@ -62,19 +65,22 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng, name):
     values = jax.device_put(table0, NamedSharding(mesh, P(r["value_rows"], r["value_dim"])))
     state = row_adam.RowAdamState(values)
     assert state.last[...].sharding.spec == P(r["value_rows"])
-    for step in range(3):
-        ids = rng.integers(0, E * (N - 4), (T, K)).astype(np.int32)  # rows N-4 … N-1 never read
+    pools = [(0, 10), (10, 20), (20, N - 4), (0, N - 4)]  # rows 0 … 9 sit out steps 1 and 2; N-4 … N-1 never read
+    for step, (lo, hi) in enumerate(pools):
+        ids = (rng.integers(0, E, (T, K)) * N + rng.integers(lo, hi, (T, K))).astype(np.int32)
         ids[:, 1] = ids[:, 0]  # repeats
         scores = rng.standard_normal((T, K, C)).astype(np.float32)
-        g_dense = jax.grad(loss)(p_dense, None, jnp.asarray(ids), jnp.asarray(scores), None)
+        want, g_dense = jax.value_and_grad(loss)(p_dense, None, jnp.asarray(ids), jnp.asarray(scores), None)
         upd, s_dense = dense.update(g_dense, s_dense, p_dense)
         p_dense = optax.apply_updates(p_dense, upd)
         with jax.set_mesh(mesh):
-            values, state, sq = sparse_step(values, state, jax.device_put(ids, NamedSharding(mesh, P(tok, None))),
-                                            jax.device_put(scores, NamedSharding(mesh, P(tok, None, None))),
-                                            jnp.int32(step))
+            values, state, sq, got = sparse_step(values, state,
+                                                 jax.device_put(ids, NamedSharding(mesh, P(tok, None))),
+                                                 jax.device_put(scores, NamedSharding(mesh, P(tok, None, None))),
+                                                 jnp.int32(step))
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=f"loss at step {step}")
         np.testing.assert_allclose(float(sq), float(jnp.sum(g_dense ** 2)), rtol=1e-5)
-    values, state = flush(values, state, jnp.int32(3))
+    values, state = flush(values, state, jnp.int32(len(pools)))
     assert values.sharding.is_equivalent_to(NamedSharding(mesh, P(r["value_rows"], r["value_dim"])), 2)
     np.testing.assert_allclose(np.asarray(values), np.asarray(p_dense), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(state.m[...]), np.asarray(s_dense[0].mu), rtol=1e-5, atol=1e-7)

@@ -375,17 +375,33 @@ def _table_shaped(hlo_text: str, shape: str) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("update", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
-def test_compiled_step_has_no_table_sized_temporary(rng, update):
-    """Sparse: every N x D_v value of the compiled train step is the table or a moment (parameters) or an in-place
-    scatter into one, and XLA's temporaries are smaller than one table.  Dense (the check's control) has both."""
-    cfg = _cfg(update, num_keys=256)  # N = 65536 rows: the table outweighs every activation of this model
-    md, ms, od, os_, usage, bs = _setup(cfg)
+def _big_table_cfg(kind, update):
+    """A model whose value tables (D_v = D_p = 16) outweigh all of its activations: V1's 65,536 rows, UltraMemV2's
+    shared 32,768 (pre-values and values), Memory+'s pool of 65,536."""
+    if kind == "v1":
+        return _cfg(update, num_keys=256)
+    cfg = shared_cfg(kind, update)
+    big = dict(num_keys=128, pre_value_dim=16) if kind == "v2" else dict(num_keys=256)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=dataclasses.replace(
+        SHARED_MODELS[kind], **big)))
+
+
+@pytest.mark.parametrize("kind,update", [("v1", "sparse"), pytest.param("v1", "dense", marks=pytest.mark.slow),
+                                         ("v2", "sparse"), ("memplus", "sparse")])
+def test_compiled_step_has_no_table_sized_temporary(rng, kind, update):
+    """Sparse: every N x D_v value of the compiled train step is a table or a moment (parameters) or an in-place
+    scatter into one, and XLA's temporaries are smaller than one table, the reads' catch-up (lookup.RowSource)
+    included.  Dense (the check's control) has both."""
+    md, ms, od, os_, usage, bs = _setup(_big_table_cfg(kind, update))
+    tables = [t[...] for t, _ in training.value_tables(nnx.merge(md, ms))]
+    shapes = {t.shape for t in tables}
+    assert len(shapes) == 1 and min(t.shape[0] for t in tables) >= 32768
+    (rows, dim), = shapes
     step = training.make_train_step(md, od, ms, os_, usage, bs)
     tokens = jax.device_put(rng.integers(0, 64, (4, 17)).astype(np.int32), bs)
     compiled = step.lower(ms, os_, usage, tokens).compile()
-    table_bytes = 256 * 256 * 16 * 4
-    ops = _table_shaped(compiled.as_text(), "f32[65536,16]")
+    table_bytes = rows * dim * 4
+    ops = _table_shaped(compiled.as_text(), f"f32[{rows},{dim}]")
     strays = [line for op, line in ops if op not in ("parameter", "scatter")
               and not (op == "fusion" and "scatter" in line.split("calls=")[-1].split(",")[0])]
     temp = compiled.memory_analysis().temp_size_in_bytes

@@ -11,9 +11,10 @@ treatment can follow the other reference systems by config (docs/results.md has 
                             the two separately, so a loud table cannot shrink the backbone's updates)
   value_b2, value_weight_decay   the values' own Adam β₂ and weight decay (None: the shared ones)
   value_update              dense: optax AdamW over the whole table (its gradient built at N × D_v every step);
-                            sparse: only the rows a step touched are read and written (row_adam.py), with dense
-                            AdamW's result (skipped steps applied on the next touch and at flush); lazy: plain
-                            lazy AdamW (untouched rows and their moments stand still).  Every memory layout (each
+                            sparse: only the rows a step touched are read and written (row_adam.py), on dense
+                            AdamW's trajectory up to row_adam's ε approximation (a row's skipped steps applied
+                            when a lookup reads it, when it is next updated and at flush); lazy: plain lazy
+                            AdamW (untouched rows and their moments stand still, and are read as they are).  Every memory layout (each
                             table shard updates its own rows or columns: value_rows.py) and every value table:
                             V1 / PKM layers' own, UltraMemV2's shared pre-values and values, Memory+'s shared
                             pool (the reads of all layers summed into one row update per table and step).

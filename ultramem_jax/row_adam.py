@@ -6,15 +6,18 @@ is never built at N × D_v; ``sum_duplicates`` turns the T·K row cotangents int
 and ``update`` reads, updates and writes back only those rows of the table and of both moments (scatters into
 the donated buffers).  ``last[r]`` counts the optimizer steps row r has been brought up to.
 
-``sparse``: dense AdamW's result.  A row untouched for steps s … t−1 had a zero gradient there, so dense AdamW
-would have applied, with ρ = β₁/√β₂ and the step-j constants lr_j, ĉ1_j = 1 − β₁^(j+1), ĉ2_j = 1 − β₂^(j+1):
+``sparse``: dense AdamW's trajectory (losses, gradients, table and moments), up to the ε approximation below.  A
+row untouched for steps s … t−1 had a zero gradient there, so dense AdamW would have applied, with ρ = β₁/√β₂ and the step-j constants lr_j, ĉ1_j = 1 − β₁^(j+1), ĉ2_j = 1 − β₂^(j+1):
 
     m ← β₁^k m,   v ← β₂^k v                                                (k = t − s)
     p ← A p − Σ_{d=1..k} α_d m / (β_d √v + ε),   A = Π_j (1 − lr_j·wd),   j = s + d − 1,
          α_d = lr_j β₁^d / ĉ1_j · Π_{i>j} (1 − lr_i·wd),   β_d = √(β₂^d / ĉ2_j)
 
-``update`` applies this catch-up to a row when it is next touched, before the step's own AdamW update, and
-``flush`` to every row (checkpoints and evaluation then see the dense optimizer's table).  A and the weight
+The stored row lags by those steps until it is next updated, so whatever uses it applies this catch-up first:
+the train step's lookups read the gathered rows through ``Hyper.read`` (lookup.RowSource: the forward pass,
+and so the gradient, sees dense AdamW's parameters, not the stale row), ``update`` applies it to a touched row
+before the step's own AdamW update (storing what the forward read, then the step), and ``flush`` to every row
+(checkpoints and evaluation then see the dense optimizer's table and moments).  A and the weight
 decay products come from a float64 table of Σ log(1 − lr_j·wd) over the run's schedule.  The momentum sum is
 elementwise only through √v, so it is taken in a factorised form that needs two scalars per row, not a loop
 over the skipped steps per element:
@@ -29,7 +32,8 @@ O(horizon): divided by A's factor they depend on ``last`` alone once k ≥ horiz
 built once in float64), and on k alone below it (``horizon`` sums per step, shared by every row).
 
 ``lazy``: plain lazy AdamW (PKM's SparseAdam with decoupled weight decay): untouched rows and their moments
-stay as they are; a touched row takes one AdamW step with its stale moments and the global bias correction.
+stay as they are, and are read as they are; a touched row takes one AdamW step with its stale moments and the
+global bias correction.  Its trajectory differs from dense AdamW's by design.
 """
 from __future__ import annotations
 
@@ -180,7 +184,8 @@ def update_arrays(h: Hyper, values_NxD, m_NxD, v_NxD, last_N, ids_U, grads_UxD, 
 
 def flush(h: Hyper, values_NxD, state: RowAdamState, step):
     """Every row caught up to ``step`` optimizer steps (``sparse``; ``lazy`` has nothing to apply): afterwards
-    the table and moments are dense AdamW's.  Costs a pass over the table; for checkpoints and evaluation."""
+    the table and moments are dense AdamW's (up to the ε approximation).  Costs a pass over the table; for
+    checkpoints and evaluation."""
     if h.mode != "sparse":
         return values_NxD
     p, m, v = _catch_up(h, values_NxD, state.m[...], state.v[...], state.last[...], step)

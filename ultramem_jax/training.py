@@ -168,7 +168,8 @@ def make_train_step(model_def, opt_def, model_state, opt_state, usage, batch_sha
 
 def make_flush(model_def, opt_def, model_state, opt_state):
     """(model_state, opt_state) → same with every value table caught up to the current step (row_adam.flush),
-    so what is saved or evaluated is the dense optimizer's table.  The identity without sparse value updates."""
+    so what is saved or evaluated is the dense optimizer's table (``sparse``; ``lazy``'s stays as it is).  The
+    identity without sparse value updates."""
     opt = nnx.merge(opt_def, opt_state)
     if not hasattr(opt, "value_rows"):
         return lambda model_state, opt_state: (model_state, opt_state)

@@ -152,7 +152,9 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
         d = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), d)
         p_sparse, states, got = sparse_step(p_sparse, states, ids, d, jnp.int32(t))
         p_dense, s_dense, norm, want = dense_step(p_dense, s_dense, ids, d)
-        np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6, err_msg=f"loss at step {t}")
+        # atol: a signed sum of O(1) terms; the closed-form catch-up against dense AdamW's step-by-step f32 was
+        # seen 9.5e-6 apart (loss -0.76, seed 3014577808)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=3e-5, err_msg=f"loss at step {t}")
         clipped += float(norm) > ocfg.grad_clip
         if t in (STEPS // 2, STEPS - 1):
             p_sparse, states = flush(p_sparse, states, jnp.int32(t + 1))
@@ -253,14 +255,14 @@ def _absences(reads):
 SPARSE_TRAIN = dict(grad_clip=0.05, value_learning_rate=2e-2, value_weight_decay=0.5, eps=1e-14)
 
 
-@pytest.mark.parametrize("clip", [{}, pytest.param(dict(value_grad_clip=2e-3), marks=pytest.mark.slow)])
-def test_sparse_train_step_equals_dense_and_resumes_bitwise(tmp_path, rng, clip):
-    """Six steps, dense against sparse (weight decay, joint or separate clipping, both active), 4 tokens a step
+def test_sparse_train_step_equals_dense_and_resumes_bitwise(tmp_path, rng):
+    """Six steps, dense against sparse (weight decay, joint clipping active; separate clipping: the Memory+ case
+    of test_shared_table_sparse_train_step_equals_dense), 4 tokens a step
     reading 32 of the 64 rows' slots, so rows sit out steps and are read again: the sparse lookups read them
     caught up (lookup.RowSource), so losses and gradient norms equal dense AdamW's at every step, and the flushed
-    table its table.  Joint clipping: the sparse run saves a flushed checkpoint at step 3; restoring it and
+    table its table.  The sparse run saves a flushed checkpoint at step 3; restoring it and
     running steps 4–6 again gives bitwise the same metrics and state."""
-    clip = {**SPARSE_TRAIN, **clip}
+    clip = SPARSE_TRAIN
     tokens = rng.integers(0, 64, (6, 1, 5)).astype(np.int32)
     seed = int(rng.integers(1 << 20))
 
@@ -284,15 +286,11 @@ def test_sparse_train_step_equals_dense_and_resumes_bitwise(tmp_path, rng, clip)
     sparse, (sparse_ms, sparse_os), (step, flush, ms0, os0, usage, bs), saved, _ = run("sparse")
     assert _absences(reads).max() >= 2, reads.sum(1)  # a row read, absent two steps or more, read again
     assert float(dense[-1]["grad_norm"]) > clip["grad_clip"]
-    assert "value_grad_clip" not in clip or float(dense[-1]["grad_norm_values"]) > clip["value_grad_clip"]
     for key in ("loss", "grad_norm", "grad_norm_values", "grad_norm_other"):
         np.testing.assert_allclose([m[key] for m in sparse], [m[key] for m in dense], rtol=1e-5, err_msg=key)
     # without the caught-up reads (rows read as stored) the losses differed by ~1e-4 relative
     np.testing.assert_allclose(np.asarray(sparse_ms["memories"][0]["values"][...]),
                                np.asarray(dense_ms["memories"][0]["values"][...]), rtol=1e-5, atol=1e-6)
-
-    if "value_grad_clip" in clip:  # the resume below does not depend on the clipping: checked once, joint
-        return
     # checkpoint of the flushed step-3 state, restored into fresh targets, then steps 4–6 again
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
     it = iter(data.train_dataset(data.ArrayStream(rng.integers(0, 64, 2000).astype(np.int32)), 16, 4, seed=0,
@@ -325,9 +323,14 @@ def shared_cfg(kind, update, optim=None, **kw):
                                          memory=SHARED_MODELS[kind], memory_placement="all"), **kw)
 
 
+# V2 clips jointly; Memory+ clips its pool separately (optim.value_grad_clip), both clips active
+SHARED_CLIP = {"v2": SPARSE_TRAIN, "memplus": {**SPARSE_TRAIN, "value_grad_clip": 2e-3}}
+
+
 @pytest.mark.parametrize("kind", ["v2", pytest.param("memplus", marks=pytest.mark.slow)])
 def test_shared_table_sparse_train_step_equals_dense(rng, kind):
-    """Six train steps with weight decay and the joint clip active, dense against sparse, for the tables two layers
+    """Six train steps with weight decay and the clips active (V2 joint, Memory+ separate), dense against sparse,
+    for the tables two layers
     share, 4 tokens a step so table rows sit out steps and are read again: same losses and gradient norms at
     every step (the lookups read the rows caught up), and after the flush the same shared tables (both of V2's);
     the optimizer keeps one row state per shared table and no optax state for it."""
@@ -335,7 +338,7 @@ def test_shared_table_sparse_train_step_equals_dense(rng, kind):
     seed = int(rng.integers(1 << 20))
 
     def run(update):
-        cfg = shared_cfg(kind, update, SPARSE_TRAIN, seed=seed, batch_size=1, seq_len=4)
+        cfg = shared_cfg(kind, update, SHARED_CLIP[kind], seed=seed, batch_size=1, seq_len=4)
         md, ms, od, os_, usage, bs = _setup(cfg)
         layers = nnx.merge(md, ms).memories
         step = training.make_train_step(md, od, ms, os_, usage, bs)
@@ -354,6 +357,8 @@ def test_shared_table_sparse_train_step_equals_dense(rng, kind):
     sparse, sparse_ms, sparse_os, _ = run("sparse")
     assert _absences(reads).max() >= 2, reads.sum(1)  # a row read, absent two steps or more, read again
     assert float(dense[-1]["grad_norm"]) > SPARSE_TRAIN["grad_clip"]
+    clip = SHARED_CLIP[kind]
+    assert "value_grad_clip" not in clip or float(dense[-1]["grad_norm_values"]) > clip["value_grad_clip"]
     for key in ("loss", "grad_norm", "grad_norm_values", "grad_norm_other"):
         np.testing.assert_allclose([m[key] for m in sparse], [m[key] for m in dense], rtol=1e-5, err_msg=key)
     for name in SHARED[kind]:

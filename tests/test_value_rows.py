@@ -82,8 +82,10 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng, name):
         np.testing.assert_allclose(float(sq), float(jnp.sum(g_dense ** 2)), rtol=1e-5)
     values, state = flush(values, state, jnp.int32(len(pools)))
     assert values.sharding.is_equivalent_to(NamedSharding(mesh, P(r["value_rows"], r["value_dim"])), 2)
-    np.testing.assert_allclose(np.asarray(values), np.asarray(p_dense), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(state.m[...]), np.asarray(s_dense[0].mu), rtol=1e-5, atol=1e-7)
+    # rtol 2e-5: f32 sums in another order on the shards, seen at 1.4e-5 (hybrid)
+    np.testing.assert_allclose(np.asarray(values), np.asarray(p_dense), rtol=2e-5, atol=1e-6)
+    # atol 1e-6: seen 3.6e-7 apart on an entry of -5.7e-3 (dimension_wise)
+    np.testing.assert_allclose(np.asarray(state.m[...]), np.asarray(s_dense[0].mu), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(state.v[...]), np.asarray(s_dense[0].nu), rtol=1e-5, atol=1e-9)
     assert np.abs(np.asarray(p_dense) - table0)[N - 4:].max() > 0  # never-read rows decayed: covered
 
@@ -115,54 +117,51 @@ def _run(cfg, tokens, seed):
     return metrics, ms, os_
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "hybrid" else pytest.mark.slow) for n in CASES])
-def test_sharded_sparse_train_steps_match_one_device(rng, name):
-    """Three sparse train steps (the joint clip active) under the layout against one device: losses, gradient
-    norms, and the flushed table with its moments and step counts."""
+def _check_like(got, ms, os_, want, ms1, os1, layout_cfg, tables, name):
+    """One sharded run against the one-device run: losses, gradient norms, the flushed tables (laid out as
+    ``layout_cfg`` says) with their moments and step counts (``tables``: (name, getter) per value table)."""
+    for key in ("loss", "grad_norm", "grad_norm_values"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-4, err_msg=f"{name} {key}")
+    want_spec = P(tuple(layout_cfg.get("rows", ())) or None, tuple(layout_cfg.get("cols", ())) or None)
+    for i, (table, get) in enumerate(tables):
+        values = get(ms)
+        assert values.sharding.is_equivalent_to(NamedSharding(values.sharding.mesh, want_spec), 2), (name, table)
+        np.testing.assert_allclose(np.asarray(values), np.asarray(get(ms1)), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{name} {table}")
+        for key in ("m", "v"):
+            np.testing.assert_allclose(np.asarray(os_["value_rows"][i][key][...]),
+                                       np.asarray(os1["value_rows"][i][key][...]), rtol=1e-3, atol=1e-7,
+                                       err_msg=f"{name} {table} {key}")
+        assert (np.asarray(os_["value_rows"][i]["last"][...]) == 3).all()
+
+
+@pytest.mark.slow
+def test_sharded_sparse_train_steps_match_one_device(rng):
+    """Three sparse train steps (the joint clip active) under every layout against one one-device run (computed
+    once): losses, gradient norms, and the flushed table with its moments and step counts."""
     tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
     seed = int(rng.integers(1 << 20))
     want, ms1, os1 = _run(_train_cfg({}, {"data": 1, "fsdp": 1, "tensor": 1}), tokens, seed)
-    got, ms, os_ = _run(_train_cfg(*CASES[name]), tokens, seed)
     assert want[-1]["grad_norm"] > 0.05
-    for key in ("loss", "grad_norm", "grad_norm_values"):
-        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-4, err_msg=key)
-    values = ms["memories"][0]["values"][...]
-    layout_cfg = CASES[name][0]
-    want_spec = P(tuple(layout_cfg.get("rows", ())) or None, tuple(layout_cfg.get("cols", ())) or None)
-    assert values.sharding.is_equivalent_to(NamedSharding(values.sharding.mesh, want_spec), 2)
-    np.testing.assert_allclose(np.asarray(values), np.asarray(ms1["memories"][0]["values"][...]),
-                               rtol=1e-4, atol=1e-5)
-    for key in ("m", "v"):
-        np.testing.assert_allclose(np.asarray(os_["value_rows"][0][key][...]),
-                                   np.asarray(os1["value_rows"][0][key][...]), rtol=1e-3, atol=1e-7, err_msg=key)
-    assert (np.asarray(os_["value_rows"][0]["last"][...]) == 3).all()
+    for name, (layout_cfg, mesh_cfg) in CASES.items():
+        got, ms, os_ = _run(_train_cfg(layout_cfg, mesh_cfg), tokens, seed)
+        _check_like(got, ms, os_, want, ms1, os1, layout_cfg,
+                    [("values", lambda ms: ms["memories"][0]["values"][...])], name)
 
 
-SHARED_CASES = [("v2", "hybrid"), pytest.param("v2", "dimension_wise", marks=pytest.mark.slow),
-                pytest.param("memplus", "number_wise", marks=pytest.mark.slow)]
-
-
-@pytest.mark.parametrize("kind,name", SHARED_CASES)
-def test_shared_table_sparse_train_steps_match_one_device(rng, kind, name):
-    """The tables two layers share (UltraMemV2's pre-values and values, Memory+'s pool), sparse under the layout
-    against one device: three steps' losses and gradient norms, the flushed tables, moments and step counts."""
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,names", [("v2", ("hybrid", "dimension_wise")), ("memplus", ("number_wise",))])
+def test_shared_table_sparse_train_steps_match_one_device(rng, kind, names):
+    """The tables two layers share (UltraMemV2's pre-values and values, Memory+'s pool), sparse under the layouts
+    against one one-device run: three steps' losses and gradient norms, the flushed tables, moments and step
+    counts."""
     tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
     seed = int(rng.integers(1 << 20))
     one = dataclasses.replace(shared_cfg(kind, "sparse"), batch_size=8)
     want, ms1, os1 = _run(one, tokens, seed)
-    got, ms, os_ = _run(dataclasses.replace(one, mesh=CASES[name][1], memory_layout=CASES[name][0]), tokens, seed)
     assert want[-1]["grad_norm"] > 0.05
-    for key in ("loss", "grad_norm", "grad_norm_values"):
-        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-4, err_msg=key)
-    layout_cfg = CASES[name][0]
-    want_spec = P(tuple(layout_cfg.get("rows", ())) or None, tuple(layout_cfg.get("cols", ())) or None)
-    for i, table in enumerate(SHARED[kind]):
-        values = ms["memory_table"][table][...]
-        assert values.sharding.is_equivalent_to(NamedSharding(values.sharding.mesh, want_spec), 2), table
-        np.testing.assert_allclose(np.asarray(values), np.asarray(ms1["memory_table"][table][...]),
-                                   rtol=1e-4, atol=1e-5, err_msg=table)
-        for key in ("m", "v"):
-            np.testing.assert_allclose(np.asarray(os_["value_rows"][i][key][...]),
-                                       np.asarray(os1["value_rows"][i][key][...]), rtol=1e-3, atol=1e-7,
-                                       err_msg=f"{table} {key}")
-        assert (np.asarray(os_["value_rows"][i]["last"][...]) == 3).all()
+    tables = [(t, lambda ms, t=t: ms["memory_table"][t][...]) for t in SHARED[kind]]
+    for name in names:
+        layout_cfg, mesh_cfg = CASES[name]
+        got, ms, os_ = _run(dataclasses.replace(one, mesh=mesh_cfg, memory_layout=layout_cfg), tokens, seed)
+        _check_like(got, ms, os_, want, ms1, os1, layout_cfg, tables, name)

@@ -14,7 +14,8 @@ from conftest import FAST_COMPILE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.memory.num_keys=16",
          "model.memory.key_dim=8", "model.memory.value_dim=16", "model.memory.topk=4", "model.memory_placement=0:1",
-         "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0"]
+         "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0",
+         "peak_tflops=1"]  # MFU against a stated peak: no timed matmul per process (the smoke run still times it)
 # one CPU device per process (no fake devices), compiled as quickly as conftest.py does
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
 

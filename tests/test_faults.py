@@ -73,7 +73,7 @@ def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus,
     shutil.copytree(reference, out)
     flip_bytes(max(data_files(os.path.join(out, "checkpoints", "12")), key=os.path.getsize))
     ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--no-loss", "--prompt", "alpha",
-              "--max-new-tokens", "2"])
+              "--max-new-tokens", "8"])  # 8: the programs test_eval_reproduces_final_validation_loss compiles
     assert ev.returncode == 0, ev.stderr[-2000:]
     err = without_generation_report(ev.stderr)
     assert err.strip().startswith("warning: checkpoint step 12 is corrupt") and err.count("\n") == 1, ev.stderr
@@ -136,7 +136,7 @@ def test_eval_needs_only_the_run_directory_and_val_dataset_is_used(tmp_path):
     assert evals[-1]["val_tokens"] == (n_val - 1) // 32 * 32  # every window of seq_len=32 targets
     os.remove(train_txt)
     os.remove(val_txt)  # the data moved away
-    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--prompt", "alpha", "--max-new-tokens", "4"])
+    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--prompt", "alpha", "--max-new-tokens", "8"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert f"val_loss {evals[-1]['val_loss']:.4f}" in ev.stdout and "\nalpha" in ev.stdout
     assert without_generation_report(ev.stderr) == "", ev.stderr  # no library warnings either

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from test_train_cli import (ENV, ROOT, ckpt_steps, corpus, losses, run, snapshot,  # noqa: F401
+from test_train_cli import (DIVERGING, ENV, ROOT, ckpt_steps, corpus, losses, run, snapshot,  # noqa: F401
                             start_until_step, train_cmd)
 
 pytestmark = pytest.mark.slow
@@ -168,8 +168,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_a_second_run_is_locked_out(tmp
 
 def test_divergence_without_a_checkpoint_says_so_in_one_line(tmp_path, corpus):  # noqa: F811
     out = str(tmp_path / "diverge")
-    r = run(train_cmd(out, corpus, "steps=20", "checkpoint_every=0", "optim.learning_rate=1e6",
-                      "optim.warmup_frac=0.0"))
+    r = run(train_cmd(out, corpus, *DIVERGING, "checkpoint_every=0"))  # test_nan_loss_stops_...'s program
     assert r.returncode == 3
     one_error_line(r.stderr, "no checkpoint has been saved")
     assert ckpt_steps(out) == []

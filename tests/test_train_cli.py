@@ -138,10 +138,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus, refe
     assert all(got[s] == want[s] for s in range(21, 31))
 
 
+DIVERGING = ["steps=40", "optim.learning_rate=1e30", "optim.warmup_frac=0.0", "optim.grad_clip=0.0"]
+
+
 def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, corpus):
     out = str(tmp_path / "nan")
-    r = run(train_cmd(out, corpus, "steps=40", "checkpoint_every=1", "optim.learning_rate=1e30",
-                      "optim.warmup_frac=0.0", "optim.grad_clip=0.0", "async_checkpointing=false"))
+    r = run(train_cmd(out, corpus, *DIVERGING, "checkpoint_every=1", "async_checkpointing=false"))
     assert r.returncode == 3, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and ("at step" in line or "after step" in line), line

@@ -188,8 +188,8 @@ def test_full_disk_is_named_in_one_line_and_loses_nothing(tmp_path, corpus):  # 
     """A 1.3 MB tmpfs holds the run's first checkpoint (~0.85 MB) but not its second."""
     mnt, keep = tmp_path / "mnt", tmp_path / "kept"
     mnt.mkdir()
-    # 4 steps: the program test_eval_needs_only_the_run_directory_and_val_dataset_is_used compiles
-    cmd = " ".join(f"'{a}'" for a in train_cmd(f"{mnt}/run", corpus, "steps=4", "checkpoint_every=2"))
+    # the reference run's step count (its compiled program); the disk fills at step 4, before the last step
+    cmd = " ".join(f"'{a}'" for a in train_cmd(f"{mnt}/run", corpus, "steps=30", "checkpoint_every=2"))
     script = (f"mount -t tmpfs -o size=1300k tmpfs {mnt} || exit 99; {cmd}; rc=$?; cp -r {mnt}/run {keep}; "
               "exit $rc")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=ENV, cwd=ROOT,
@@ -199,6 +199,6 @@ def test_full_disk_is_named_in_one_line_and_loses_nothing(tmp_path, corpus):  # 
     assert r.returncode == 4
     one_error_line(r.stderr, "error: disk full writing", "training resumes from the newest complete checkpoint")
     assert ckpt_steps(str(keep)) == [2]
-    # resumed with another step count (the reference run's program)
-    resumed = run(train_cmd(str(keep), corpus, *STEPS, "resume_override=steps"))
+    # 4 steps: test_eval_needs_only_the_run_directory_and_val_dataset_is_used's program
+    resumed = run(train_cmd(str(keep), corpus, "steps=4", "checkpoint_every=2", "resume_override=steps"))
     assert resumed.returncode == 0 and "resumed from step 2" in resumed.stdout, resumed.stderr[-2000:]

@@ -240,9 +240,10 @@ def test_prepare_then_train_with_bpe_and_the_first_progress_line_comes_after_the
 
 def test_smoke_run_of_the_default_config(tmp_path):
     out = str(tmp_path / "smoke")
-    # The default model and corpus, as `make train` runs them, for 2 steps (the README's smoke run is 60): every
-    # check below holds after any number of steps, and each step of the default model is seconds of CPU here.
-    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=2", f"output_dir={out}"])
+    # The default model and corpus, as `make train` runs them, for 2 steps (the README's smoke run is 60) and 4
+    # validation batches, not the whole split: every check below holds after any number of either (the
+    # whole-split pass is checked in test_faults.py's test_eval_needs_only_the_run_directory_...).
+    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=2", "eval_batches=4", f"output_dir={out}"])
     assert r.returncode == 0, r.stderr[-2000:]
     _, evals = losses(out)
     assert evals and np.isfinite(evals[-1]["val_loss"])

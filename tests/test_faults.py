@@ -10,21 +10,16 @@ import time
 import numpy as np
 import pytest
 
-from test_train_cli import (ENV, ROOT, ckpt_steps, corpus, losses, run, snapshot,  # noqa: F401
-                            start_until_step, train_cmd)
+from test_train_cli import (DIVERGING, ENV, REFERENCE, ROOT, ckpt_steps, corpus, losses,  # noqa: F401
+                            reference_run, run, snapshot, start_until_step, train_cmd)
 
 pytestmark = pytest.mark.slow
-STEPS = ["steps=12", "checkpoint_every=4"]
+STEPS = REFERENCE  # the faults below start from test_train_cli's reference run (20 and 30 kept), one per session
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):  # noqa: F811
-    """An uninterrupted 12-step run with checkpoints at 4, 8, 12."""
-    out = str(tmp_path_factory.mktemp("runs") / "reference")
-    r = run(train_cmd(out, corpus, *STEPS))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr == "", r.stderr  # a clean run prints nothing on stderr
-    return out
+@pytest.fixture
+def reference(reference_run):  # noqa: F811
+    return reference_run
 
 
 def data_files(step_dir, item="params"):
@@ -71,21 +66,21 @@ def one_error_line(stderr, *needles):
 def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus, reference):  # noqa: F811
     out = str(tmp_path / "flipped")
     shutil.copytree(reference, out)
-    flip_bytes(max(data_files(os.path.join(out, "checkpoints", "12")), key=os.path.getsize))
+    flip_bytes(max(data_files(os.path.join(out, "checkpoints", "30")), key=os.path.getsize))
     ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--no-loss", "--prompt", "alpha",
-              "--max-new-tokens", "2"])
+              "--max-new-tokens", "8"])  # 8: the programs test_eval_reproduces_final_validation_loss compiles
     assert ev.returncode == 0, ev.stderr[-2000:]
     err = without_generation_report(ev.stderr)
-    assert err.strip().startswith("warning: checkpoint step 12 is corrupt") and err.count("\n") == 1, ev.stderr
+    assert err.strip().startswith("warning: checkpoint step 30 is corrupt") and err.count("\n") == 1, ev.stderr
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 13, "kind": "tra')  # a write cut short by a power cut or a full disk
+        f.write('{"step": 31, "kind": "tra')  # a write cut short by a power cut or a full disk
     r = run(train_cmd(out, corpus, *STEPS))
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = r.stderr.strip().splitlines()
     assert len(warnings) == 2, r.stderr[-3000:]
-    assert warnings[0].startswith("warning: checkpoint step 12 is corrupt (params: checksum mismatch")
+    assert warnings[0].startswith("warning: checkpoint step 30 is corrupt (params: checksum mismatch")
     assert "metrics.jsonl: dropped 1 unreadable line" in warnings[1]
-    assert "resumed from step 8" in r.stdout and os.path.isdir(os.path.join(out, "checkpoints", "12.corrupt"))
+    assert "resumed from step 20" in r.stdout and os.path.isdir(os.path.join(out, "checkpoints", "30.corrupt"))
     want, want_eval = losses(reference)
     got, got_eval = losses(out)
     assert got == want and got_eval[-1]["val_loss"] == want_eval[-1]["val_loss"]
@@ -94,7 +89,7 @@ def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus,
 def test_every_checkpoint_unreadable_is_a_true_fresh_start(tmp_path, corpus, reference):  # noqa: F811
     out = str(tmp_path / "allbad")
     shutil.copytree(reference, out)
-    steps = ckpt_steps(out)  # 8 and 12 (keep_checkpoints=2)
+    steps = ckpt_steps(out)  # 20 and 30 (keep_checkpoints=2)
     for step in steps:
         for path in data_files(os.path.join(out, "checkpoints", str(step))):
             os.truncate(path, 10)
@@ -136,7 +131,7 @@ def test_eval_needs_only_the_run_directory_and_val_dataset_is_used(tmp_path):
     assert evals[-1]["val_tokens"] == (n_val - 1) // 32 * 32  # every window of seq_len=32 targets
     os.remove(train_txt)
     os.remove(val_txt)  # the data moved away
-    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--prompt", "alpha", "--max-new-tokens", "4"])
+    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--prompt", "alpha", "--max-new-tokens", "8"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert f"val_loss {evals[-1]['val_loss']:.4f}" in ev.stdout and "\nalpha" in ev.stdout
     assert without_generation_report(ev.stderr) == "", ev.stderr  # no library warnings either
@@ -168,8 +163,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_a_second_run_is_locked_out(tmp
 
 def test_divergence_without_a_checkpoint_says_so_in_one_line(tmp_path, corpus):  # noqa: F811
     out = str(tmp_path / "diverge")
-    r = run(train_cmd(out, corpus, "steps=20", "checkpoint_every=0", "optim.learning_rate=1e6",
-                      "optim.warmup_frac=0.0"))
+    r = run(train_cmd(out, corpus, *DIVERGING, "checkpoint_every=0"))  # test_nan_loss_stops_...'s program
     assert r.returncode == 3
     one_error_line(r.stderr, "no checkpoint has been saved")
     assert ckpt_steps(out) == []
@@ -194,7 +188,8 @@ def test_full_disk_is_named_in_one_line_and_loses_nothing(tmp_path, corpus):  # 
     """A 1.3 MB tmpfs holds the run's first checkpoint (~0.85 MB) but not its second."""
     mnt, keep = tmp_path / "mnt", tmp_path / "kept"
     mnt.mkdir()
-    cmd = " ".join(f"'{a}'" for a in train_cmd(f"{mnt}/run", corpus, "steps=12", "checkpoint_every=2"))
+    # the reference run's step count (its compiled program); the disk fills at step 4, before the last step
+    cmd = " ".join(f"'{a}'" for a in train_cmd(f"{mnt}/run", corpus, "steps=30", "checkpoint_every=2"))
     script = (f"mount -t tmpfs -o size=1300k tmpfs {mnt} || exit 99; {cmd}; rc=$?; cp -r {mnt}/run {keep}; "
               "exit $rc")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=ENV, cwd=ROOT,
@@ -204,5 +199,6 @@ def test_full_disk_is_named_in_one_line_and_loses_nothing(tmp_path, corpus):  # 
     assert r.returncode == 4
     one_error_line(r.stderr, "error: disk full writing", "training resumes from the newest complete checkpoint")
     assert ckpt_steps(str(keep)) == [2]
+    # 4 steps: test_eval_needs_only_the_run_directory_and_val_dataset_is_used's program
     resumed = run(train_cmd(str(keep), corpus, "steps=4", "checkpoint_every=2", "resume_override=steps"))
     assert resumed.returncode == 0 and "resumed from step 2" in resumed.stdout, resumed.stderr[-2000:]

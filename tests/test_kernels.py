@@ -209,7 +209,7 @@ def test_memory_layer_with_kernels_matches_xla(rng, cfg):
         def loss(p):
             out, _ = nnx.merge(graphdef, p, rest)(x)
             return jnp.sum(out ** 2), out
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (l_k, out_k), g_k = run(layers[0])
     (l_x, out_x), g_x = run(layers[1])
@@ -239,8 +239,9 @@ def test_v2_layer_with_kernels_matches_xla(rng):
         out, _ = layer(x, table)
         return jnp.sum(out * cot), out
 
-    (_, out_k), g_k = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(*models[0])
-    (_, out_x), g_x = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(*models[1])
+    grad_fn = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, out_k), g_k = grad_fn(*models[0])
+    (_, out_x), g_x = grad_fn(*models[1])
     np.testing.assert_allclose(out_k, out_x, rtol=1e-4, atol=1e-5)
     leaves_k, leaves_x = jax.tree.leaves(nnx.state(g_k)), jax.tree.leaves(nnx.state(g_x))
     n_params = len(jax.tree.leaves(nnx.state(models[1][0], nnx.Param)))

@@ -259,7 +259,7 @@ def test_model_shares_one_table_and_trains_it(rng):
     def loss(model):
         logits, aux = model(tokens)
         return jnp.mean(logits ** 2), aux
-    grads, aux = nnx.grad(loss, has_aux=True)(model)
+    grads, aux = nnx.jit(nnx.grad(loss, has_aux=True))(model)  # jitted: eager compiles op by op
     mem = cfg.resolved_memory
     touched = np.abs(np.asarray(grads["memory_table"]["values"][...])).sum(-1) > 0
     expected = np.zeros(mem.table_rows, bool)

@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,13 +12,8 @@ import pytest
 from test_train_cli import (DIVERGING, ENV, REFERENCE, ROOT, ckpt_steps, corpus, losses,  # noqa: F401
                             reference_run, run, snapshot, start_until_step, train_cmd)
 
+# the faults below start from test_train_cli's reference run (REFERENCE; 20 and 30 kept), made once per session
 pytestmark = pytest.mark.slow
-STEPS = REFERENCE  # the faults below start from test_train_cli's reference run (20 and 30 kept), one per session
-
-
-@pytest.fixture
-def reference(reference_run):  # noqa: F811
-    return reference_run
 
 
 def data_files(step_dir, item="params"):
@@ -63,9 +57,9 @@ def one_error_line(stderr, *needles):
     return lines[0]
 
 
-def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus, reference):  # noqa: F811
+def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus, reference_run):  # noqa: F811
     out = str(tmp_path / "flipped")
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     flip_bytes(max(data_files(os.path.join(out, "checkpoints", "30")), key=os.path.getsize))
     ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--no-loss", "--prompt", "alpha",
               "--max-new-tokens", "8"])  # 8: the programs test_eval_reproduces_final_validation_loss compiles
@@ -74,42 +68,42 @@ def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus,
     assert err.strip().startswith("warning: checkpoint step 30 is corrupt") and err.count("\n") == 1, ev.stderr
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 31, "kind": "tra')  # a write cut short by a power cut or a full disk
-    r = run(train_cmd(out, corpus, *STEPS))
+    r = run(train_cmd(out, corpus, *REFERENCE))
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = r.stderr.strip().splitlines()
     assert len(warnings) == 2, r.stderr[-3000:]
     assert warnings[0].startswith("warning: checkpoint step 30 is corrupt (params: checksum mismatch")
     assert "metrics.jsonl: dropped 1 unreadable line" in warnings[1]
     assert "resumed from step 20" in r.stdout and os.path.isdir(os.path.join(out, "checkpoints", "30.corrupt"))
-    want, want_eval = losses(reference)
+    want, want_eval = losses(reference_run)
     got, got_eval = losses(out)
     assert got == want and got_eval[-1]["val_loss"] == want_eval[-1]["val_loss"]
 
 
-def test_every_checkpoint_unreadable_is_a_true_fresh_start(tmp_path, corpus, reference):  # noqa: F811
+def test_every_checkpoint_unreadable_is_a_true_fresh_start(tmp_path, corpus, reference_run):  # noqa: F811
     out = str(tmp_path / "allbad")
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     steps = ckpt_steps(out)  # 20 and 30 (keep_checkpoints=2)
     for step in steps:
         for path in data_files(os.path.join(out, "checkpoints", str(step))):
             os.truncate(path, 10)
-    r = run(train_cmd(out, corpus, *STEPS))
+    r = run(train_cmd(out, corpus, *REFERENCE))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == len(steps) and all(ln.startswith("warning: checkpoint step") for ln in lines), r.stderr
     assert "fresh start" in r.stdout
-    assert losses(out)[0] == losses(reference)[0]  # from batch 0: the failed restores did not move the iterator
+    assert losses(out)[0] == losses(reference_run)[0]  # from batch 0: the failed restores did not move the iterator
     assert os.path.exists(os.path.join(out, "metrics.jsonl.old"))  # the earlier records are kept
 
 
-def test_a_changed_meaning_is_refused_and_touches_nothing(tmp_path, corpus, reference):  # noqa: F811
+def test_a_changed_meaning_is_refused_and_touches_nothing(tmp_path, corpus, reference_run):  # noqa: F811
     out = str(tmp_path / "changed")
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     os.remove(os.path.join(out, ".lock"))  # the run lock is rewritten by every start, refused or not
     before = snapshot(out)
     for change, key in [("seed=1", "seed"), ("steps=20", "steps"), ("optim.learning_rate=1e-3", "optim.learning_rate"),
                         (f"data.dataset={corpus},{corpus}", "data.dataset")]:
-        r = run(train_cmd(out, corpus, *STEPS, change))
+        r = run(train_cmd(out, corpus, *REFERENCE, change))
         assert r.returncode == 2
         one_error_line(r.stderr, f"error: {key} differs from the checkpoint", f"resume_override={key}")
     assert [f for f in snapshot(out) if f[0] != ".lock"] == before

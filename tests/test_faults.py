@@ -5,26 +5,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from test_train_cli import (ENV, ROOT, ckpt_steps, corpus, losses, run, snapshot,  # noqa: F401
-                            start_until_step, train_cmd)
+from test_train_cli import (DIVERGING, ENV, REFERENCE, ROOT, ckpt_steps, corpus, losses,  # noqa: F401
+                            reference_run, run, snapshot, start_until_step, train_cmd)
 
+# the faults below start from test_train_cli's reference run (REFERENCE; 20 and 30 kept), made once per session
 pytestmark = pytest.mark.slow
-STEPS = ["steps=12", "checkpoint_every=4"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):  # noqa: F811
-    """An uninterrupted 12-step run with checkpoints at 4, 8, 12."""
-    out = str(tmp_path_factory.mktemp("runs") / "reference")
-    r = run(train_cmd(out, corpus, *STEPS))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr == "", r.stderr  # a clean run prints nothing on stderr
-    return out
 
 
 def data_files(step_dir, item="params"):
@@ -68,53 +57,53 @@ def one_error_line(stderr, *needles):
     return lines[0]
 
 
-def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus, reference):  # noqa: F811
+def test_flipped_bytes_and_a_torn_metrics_line_recover_exactly(tmp_path, corpus, reference_run):  # noqa: F811
     out = str(tmp_path / "flipped")
-    shutil.copytree(reference, out)
-    flip_bytes(max(data_files(os.path.join(out, "checkpoints", "12")), key=os.path.getsize))
+    shutil.copytree(reference_run, out)
+    flip_bytes(max(data_files(os.path.join(out, "checkpoints", "30")), key=os.path.getsize))
     ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--no-loss", "--prompt", "alpha",
-              "--max-new-tokens", "2"])
+              "--max-new-tokens", "8"])  # 8: the programs test_eval_reproduces_final_validation_loss compiles
     assert ev.returncode == 0, ev.stderr[-2000:]
     err = without_generation_report(ev.stderr)
-    assert err.strip().startswith("warning: checkpoint step 12 is corrupt") and err.count("\n") == 1, ev.stderr
+    assert err.strip().startswith("warning: checkpoint step 30 is corrupt") and err.count("\n") == 1, ev.stderr
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 13, "kind": "tra')  # a write cut short by a power cut or a full disk
-    r = run(train_cmd(out, corpus, *STEPS))
+        f.write('{"step": 31, "kind": "tra')  # a write cut short by a power cut or a full disk
+    r = run(train_cmd(out, corpus, *REFERENCE))
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = r.stderr.strip().splitlines()
     assert len(warnings) == 2, r.stderr[-3000:]
-    assert warnings[0].startswith("warning: checkpoint step 12 is corrupt (params: checksum mismatch")
+    assert warnings[0].startswith("warning: checkpoint step 30 is corrupt (params: checksum mismatch")
     assert "metrics.jsonl: dropped 1 unreadable line" in warnings[1]
-    assert "resumed from step 8" in r.stdout and os.path.isdir(os.path.join(out, "checkpoints", "12.corrupt"))
-    want, want_eval = losses(reference)
+    assert "resumed from step 20" in r.stdout and os.path.isdir(os.path.join(out, "checkpoints", "30.corrupt"))
+    want, want_eval = losses(reference_run)
     got, got_eval = losses(out)
     assert got == want and got_eval[-1]["val_loss"] == want_eval[-1]["val_loss"]
 
 
-def test_every_checkpoint_unreadable_is_a_true_fresh_start(tmp_path, corpus, reference):  # noqa: F811
+def test_every_checkpoint_unreadable_is_a_true_fresh_start(tmp_path, corpus, reference_run):  # noqa: F811
     out = str(tmp_path / "allbad")
-    shutil.copytree(reference, out)
-    steps = ckpt_steps(out)  # 8 and 12 (keep_checkpoints=2)
+    shutil.copytree(reference_run, out)
+    steps = ckpt_steps(out)  # 20 and 30 (keep_checkpoints=2)
     for step in steps:
         for path in data_files(os.path.join(out, "checkpoints", str(step))):
             os.truncate(path, 10)
-    r = run(train_cmd(out, corpus, *STEPS))
+    r = run(train_cmd(out, corpus, *REFERENCE))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == len(steps) and all(ln.startswith("warning: checkpoint step") for ln in lines), r.stderr
     assert "fresh start" in r.stdout
-    assert losses(out)[0] == losses(reference)[0]  # from batch 0: the failed restores did not move the iterator
+    assert losses(out)[0] == losses(reference_run)[0]  # from batch 0: the failed restores did not move the iterator
     assert os.path.exists(os.path.join(out, "metrics.jsonl.old"))  # the earlier records are kept
 
 
-def test_a_changed_meaning_is_refused_and_touches_nothing(tmp_path, corpus, reference):  # noqa: F811
+def test_a_changed_meaning_is_refused_and_touches_nothing(tmp_path, corpus, reference_run):  # noqa: F811
     out = str(tmp_path / "changed")
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     os.remove(os.path.join(out, ".lock"))  # the run lock is rewritten by every start, refused or not
     before = snapshot(out)
     for change, key in [("seed=1", "seed"), ("steps=20", "steps"), ("optim.learning_rate=1e-3", "optim.learning_rate"),
                         (f"data.dataset={corpus},{corpus}", "data.dataset")]:
-        r = run(train_cmd(out, corpus, *STEPS, change))
+        r = run(train_cmd(out, corpus, *REFERENCE, change))
         assert r.returncode == 2
         one_error_line(r.stderr, f"error: {key} differs from the checkpoint", f"resume_override={key}")
     assert [f for f in snapshot(out) if f[0] != ".lock"] == before
@@ -136,7 +125,7 @@ def test_eval_needs_only_the_run_directory_and_val_dataset_is_used(tmp_path):
     assert evals[-1]["val_tokens"] == (n_val - 1) // 32 * 32  # every window of seq_len=32 targets
     os.remove(train_txt)
     os.remove(val_txt)  # the data moved away
-    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--prompt", "alpha", "--max-new-tokens", "4"])
+    ev = run([sys.executable, "-m", "ultramem_jax.eval", out, "--prompt", "alpha", "--max-new-tokens", "8"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert f"val_loss {evals[-1]['val_loss']:.4f}" in ev.stdout and "\nalpha" in ev.stdout
     assert without_generation_report(ev.stderr) == "", ev.stderr  # no library warnings either
@@ -168,8 +157,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_a_second_run_is_locked_out(tmp
 
 def test_divergence_without_a_checkpoint_says_so_in_one_line(tmp_path, corpus):  # noqa: F811
     out = str(tmp_path / "diverge")
-    r = run(train_cmd(out, corpus, "steps=20", "checkpoint_every=0", "optim.learning_rate=1e6",
-                      "optim.warmup_frac=0.0"))
+    r = run(train_cmd(out, corpus, *DIVERGING, "checkpoint_every=0"))  # test_nan_loss_stops_...'s program
     assert r.returncode == 3
     one_error_line(r.stderr, "no checkpoint has been saved")
     assert ckpt_steps(out) == []
@@ -194,7 +182,8 @@ def test_full_disk_is_named_in_one_line_and_loses_nothing(tmp_path, corpus):  # 
     """A 1.3 MB tmpfs holds the run's first checkpoint (~0.85 MB) but not its second."""
     mnt, keep = tmp_path / "mnt", tmp_path / "kept"
     mnt.mkdir()
-    cmd = " ".join(f"'{a}'" for a in train_cmd(f"{mnt}/run", corpus, "steps=12", "checkpoint_every=2"))
+    # the reference run's step count (its compiled program); the disk fills at step 4, before the last step
+    cmd = " ".join(f"'{a}'" for a in train_cmd(f"{mnt}/run", corpus, "steps=30", "checkpoint_every=2"))
     script = (f"mount -t tmpfs -o size=1300k tmpfs {mnt} || exit 99; {cmd}; rc=$?; cp -r {mnt}/run {keep}; "
               "exit $rc")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=ENV, cwd=ROOT,
@@ -204,5 +193,6 @@ def test_full_disk_is_named_in_one_line_and_loses_nothing(tmp_path, corpus):  # 
     assert r.returncode == 4
     one_error_line(r.stderr, "error: disk full writing", "training resumes from the newest complete checkpoint")
     assert ckpt_steps(str(keep)) == [2]
+    # 4 steps: test_eval_needs_only_the_run_directory_and_val_dataset_is_used's program
     resumed = run(train_cmd(str(keep), corpus, "steps=4", "checkpoint_every=2", "resume_override=steps"))
     assert resumed.returncode == 0 and "resumed from step 2" in resumed.stdout, resumed.stderr[-2000:]

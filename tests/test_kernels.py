@@ -38,11 +38,11 @@ def _pool_inputs(rng, T, K, N, D, E, C):
 def _check_pool(fn, rng, T, K, N, D, E, C):
     values, rows, blocks, scores, g = _pool_inputs(rng, T, K, N, D, E, C)
     loss = lambda f: lambda v, s: jnp.sum(f(v, rows, blocks, s, E) * g)  # noqa: E731
-    want = ive.gather_pool(values, rows, blocks, scores, E)
-    got = fn(values, rows, blocks, scores, E)
+    want = jax.jit(lambda v, s: ive.gather_pool(v, rows, blocks, s, E))(values, scores)
+    got = jax.jit(lambda v, s: fn(v, rows, blocks, s, E))(values, scores)  # jitted: eager compiles op by op
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    want_g = jax.grad(loss(ive.gather_pool), (0, 1))(values, scores)
-    got_g = jax.grad(loss(fn), (0, 1))(values, scores)
+    want_g = jax.jit(jax.grad(loss(ive.gather_pool), (0, 1)))(values, scores)
+    got_g = jax.jit(jax.grad(loss(fn), (0, 1)))(values, scores)
     for a, b in zip(got_g, want_g):  # sums over D lanes in another order: error scales with the largest entry
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + float(np.abs(b).max())))
     untouched = np.setdiff1d(np.arange(N), np.asarray(rows))
@@ -87,11 +87,10 @@ def _check_pvg(fn, rng, T, K, N, Dp, Dv, C):
     pre_values, values, rows, pre, scores, g = _pvg_inputs(rng, T, K, N, Dp, Dv, C)
     loss = lambda f: lambda p, v, x, s: jnp.sum(f(p, v, rows, x, s) * g)  # noqa: E731
     diff = (pre_values, values, pre, scores)
-    np.testing.assert_allclose(fn(pre_values, values, rows, pre, scores),
-                               kernels.xla_pre_value_gather(pre_values, values, rows, pre, scores),
-                               rtol=1e-5, atol=1e-4)
-    want_g = jax.grad(loss(kernels.xla_pre_value_gather), (0, 1, 2, 3))(*diff)
-    got_g = jax.grad(loss(fn), (0, 1, 2, 3))(*diff)
+    fwd = lambda f: jax.jit(lambda p, v, x, s: f(p, v, rows, x, s))  # noqa: E731  (eager compiles op by op)
+    np.testing.assert_allclose(fwd(fn)(*diff), fwd(kernels.xla_pre_value_gather)(*diff), rtol=1e-5, atol=1e-4)
+    want_g = jax.jit(jax.grad(loss(kernels.xla_pre_value_gather), (0, 1, 2, 3)))(*diff)
+    got_g = jax.jit(jax.grad(loss(fn), (0, 1, 2, 3)))(*diff)
     for name, a, b in zip(("P", "V", "pre", "scores"), got_g, want_g):  # f32 sums in another order
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + float(np.abs(b).max())), err_msg=name)
     untouched = np.setdiff1d(np.arange(N), np.asarray(rows))
@@ -155,15 +154,16 @@ def test_key_search_matches_reference(rng, case, backend, mode):
     args = list(x.values())
     interpret = TPU_INTERPRET[mode] if backend == "tpu" else True
     kernel = lambda *a: ks_kernel.search(*a, P, M, additive, backend, interpret)  # noqa: E731
-    want = key_search.search(*args, P, M, additive)
-    got = kernel(*args)
+    reference = lambda *a: key_search.search(*a, P, M, additive)  # noqa: E731
+    want = jax.jit(reference)(*args)  # jitted: eager compiles op by op
+    got = jax.jit(kernel)(*args)
     _assert_same_winners(got, want)
 
     g = _normal(rng, *want[0].shape)
     loss = lambda f: lambda *a: jnp.sum(f(*a)[0] * g)  # noqa: E731
     diff_args = (0, 1, 2, 3) if additive else (0, 1, 2, 3, 4)
-    want_g = jax.grad(loss(lambda *a: key_search.search(*a, P, M, additive)), diff_args)(*args)
-    got_g = jax.grad(loss(kernel), diff_args)(*args)
+    want_g = jax.jit(jax.grad(loss(reference), diff_args))(*args)
+    got_g = jax.jit(jax.grad(loss(kernel), diff_args))(*args)
     for a, b in zip(got_g, want_g):
         # f32 sums in a different order: error grows with the largest entry, not each entry's own size
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 + 1e-6 * float(np.abs(b).max()))
@@ -209,7 +209,7 @@ def test_memory_layer_with_kernels_matches_xla(rng, cfg):
         def loss(p):
             out, _ = nnx.merge(graphdef, p, rest)(x)
             return jnp.sum(out ** 2), out
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (l_k, out_k), g_k = run(layers[0])
     (l_x, out_x), g_x = run(layers[1])
@@ -239,8 +239,9 @@ def test_v2_layer_with_kernels_matches_xla(rng):
         out, _ = layer(x, table)
         return jnp.sum(out * cot), out
 
-    (_, out_k), g_k = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(*models[0])
-    (_, out_x), g_x = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(*models[1])
+    grad_fn = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, out_k), g_k = grad_fn(*models[0])
+    (_, out_x), g_x = grad_fn(*models[1])
     np.testing.assert_allclose(out_k, out_x, rtol=1e-4, atol=1e-5)
     leaves_k, leaves_x = jax.tree.leaves(nnx.state(g_k)), jax.tree.leaves(nnx.state(g_x))
     n_params = len(jax.tree.leaves(nnx.state(models[1][0], nnx.Param)))

@@ -58,13 +58,15 @@ def test_layer_equals_dense_oracle_forward_and_backward(rng, qk_norm):
         return jnp.sum(out * cot), out
 
     names = NAMES + (("query_norm", "key_norm") if qk_norm else ())
-    (_, out), (g_layer, g_table) = nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True)(layer, table)
+    # jitted: eager mode compiles each op on its own, most of this test's time
+    (_, out), (g_layer, g_table) = nnx.jit(nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True))(
+        layer, table)
     params = {k: getattr(layer, k)[...] for k in names}
     params["values"] = table.values[...]
-    (_, want), g_want = jax.value_and_grad(
+    (_, want), g_want = jax.jit(jax.value_and_grad(
         lambda p: (lambda o: (jnp.sum(o * cot.reshape(-1, d_model)), o))(_dense_oracle(p, x.reshape(-1, d_model),
                                                                                          cfg)),
-        has_aux=True)(params)
+        has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(out).reshape(-1, d_model), np.asarray(want), rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(np.asarray(g_table["values"][...]), np.asarray(g_want["values"]), rtol=2e-4,
                                atol=2e-5)
@@ -83,7 +85,7 @@ def test_memplus_replaces_the_ffn_and_shares_one_pool(rng):
     def loss(model):
         logits, aux = model(tokens)
         return jnp.mean(logits ** 2), aux
-    grads, aux = nnx.grad(loss, has_aux=True)(model)
+    grads, aux = nnx.jit(nnx.grad(loss, has_aux=True))(model)  # jitted: eager compiles op by op
     touched = np.abs(np.asarray(grads["memory_table"]["values"][...])).sum(-1) > 0
     expected = np.zeros(36, bool)
     for info in aux["memory"]:  # both layers' reads land in the one pool

@@ -1,4 +1,5 @@
 """train.py, eval and prepare as a user runs them: subprocesses on a micro config and a small corpus."""
+import fcntl
 import json
 import os
 import shutil
@@ -14,22 +15,43 @@ from conftest import FAST_COMPILE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.memory.num_keys=16",
          "model.memory.key_dim=8", "model.memory.value_dim=16", "model.memory.topk=4", "model.memory_placement=0:1",
-         "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0"]
+         "batch_size=4", "seq_len=32", "eval_batches=4", "log_every=1", "data.num_threads=1", "eval_every=0",
+         "peak_tflops=1"]  # MFU against a stated peak: no timed matmul per process (the smoke run still times it)
 # one CPU device per process (no fake devices), compiled as quickly as conftest.py does
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def shared_across_workers(tmp_path_factory, name, make):
+    """``make(path)`` run once per test session, also under xdist: the first worker that asks makes ``name`` in
+    the session's shared temporary directory (under a lock), the others wait for it and reuse it. Only for what
+    tests read and never change."""
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common parent
+    path, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a failed earlier attempt
+            make(path)
+            done.touch()
+    return str(path)
+
+
+def _write_corpus(path):
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "omega", "lorem", "ipsum", "memory", "value", "key", "query"]
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    with open(path, "w") as f:
+    path.mkdir()
+    with open(path / "text.txt", "w") as f:
         for _ in range(400):
             f.write(" ".join(rng.choice(words, size=int(rng.integers(5, 40)))) + ".\n\n")
-    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """One corpus per session: a run's fingerprint holds its path, so runs shared between workers need one."""
+    return os.path.join(shared_across_workers(tmp_path_factory, "corpus", _write_corpus), "text.txt")
 
 
 def train_cmd(out, corpus, *extra):
@@ -68,22 +90,27 @@ def snapshot(path):
                    os.path.getsize(os.path.join(r, f))) for r, _, fs in os.walk(path) for f in fs)
 
 
-@pytest.fixture(scope="module")
+REFERENCE = ["steps=30", "checkpoint_every=10"]
+
+
+@pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, corpus):
-    """An uninterrupted 30-step run with checkpoints at 10, 20, 30."""
-    out = str(tmp_path_factory.mktemp("runs") / "reference")
-    r = run(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+    """An uninterrupted 30-step run with checkpoints at 10, 20, 30 (20 and 30 kept), made once per session (also
+    for test_faults.py): tests only read it or copy it."""
+    def make(out):
+        r = run(train_cmd(str(out), corpus, *REFERENCE))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stderr == "", r.stderr  # a clean run prints nothing on stderr
+    return shared_across_workers(tmp_path_factory, "reference_run", make)
 
 
 def test_kill_9_then_resume_gives_bitwise_identical_losses(tmp_path, corpus, reference_run):
     out = str(tmp_path / "killed")
-    proc = start_until_step(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"), out, 23)
+    proc = start_until_step(train_cmd(out, corpus, *REFERENCE), out, 23)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt_steps(out), "no checkpoint was written before the kill"
-    r = run(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"))
+    r = run(train_cmd(out, corpus, *REFERENCE))
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = int(r.stdout.split("resumed from step ")[1].split()[0])
     assert resumed in (10, 20)
@@ -127,7 +154,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus, refe
     for root, _, files in os.walk(os.path.join(out, "checkpoints", "30", "params")):
         for f in files:
             open(os.path.join(root, f), "w").close()  # truncate every file of the newest step
-    r = run(train_cmd(out, corpus, "steps=30", "checkpoint_every=10"))
+    r = run(train_cmd(out, corpus, *REFERENCE))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "checkpoint step 30 is unreadable" in r.stderr
     assert "resumed from step 20" in r.stdout
@@ -137,10 +164,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus, refe
     assert all(got[s] == want[s] for s in range(21, 31))
 
 
+DIVERGING = ["steps=40", "optim.learning_rate=1e30", "optim.warmup_frac=0.0", "optim.grad_clip=0.0"]
+
+
 def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, corpus):
     out = str(tmp_path / "nan")
-    r = run(train_cmd(out, corpus, "steps=40", "checkpoint_every=1", "optim.learning_rate=1e30",
-                      "optim.warmup_frac=0.0", "optim.grad_clip=0.0", "async_checkpointing=false"))
+    r = run(train_cmd(out, corpus, *DIVERGING, "checkpoint_every=1", "async_checkpointing=false"))
     assert r.returncode == 3, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and ("at step" in line or "after step" in line), line
@@ -211,9 +240,10 @@ def test_prepare_then_train_with_bpe_and_the_first_progress_line_comes_after_the
 
 def test_smoke_run_of_the_default_config(tmp_path):
     out = str(tmp_path / "smoke")
-    # The default model and corpus, as `make train` runs them, for 2 steps (the README's smoke run is 60): every
-    # check below holds after any number of steps, and each step of the default model is seconds of CPU here.
-    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=2", f"output_dir={out}"])
+    # The default model and corpus, as `make train` runs them, for 2 steps (the README's smoke run is 60) and 4
+    # validation batches, not the whole split: every check below holds after any number of either (the
+    # whole-split pass is checked in test_faults.py's test_eval_needs_only_the_run_directory_...).
+    r = run([sys.executable, os.path.join(ROOT, "train.py"), "steps=2", "eval_batches=4", f"output_dir={out}"])
     assert r.returncode == 0, r.stderr[-2000:]
     _, evals = losses(out)
     assert evals and np.isfinite(evals[-1]["val_loss"])

@@ -99,17 +99,18 @@ def test_layer_equals_dense_oracle_forward_and_backward(rng, case):
 
     def layer_loss(layer, table):
         out, info = layer(x, table)
-        return jnp.sum(out * cot) + info.get("balance_loss", 0.0), out
+        return jnp.sum(out * cot) + info.get("balance_loss", 0.0), (out, info)
 
     def oracle_loss(params):
         out = _dense_oracle(params, x.reshape(-1, d_model), cfg, perm, window)
         return jnp.sum(out * cot.reshape(-1, d_model)), out
 
-    (_, out), (g_layer, g_table) = nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True)(layer, table)
-    _, info = layer(x, table)
+    # jitted: eager mode compiles each op on its own, most of this test's time
     params = {k: getattr(layer, k)[...] for k in NAMES}
     params.update(values=table.values[...], pre_values=table.pre_values[...])
-    (_, want), g_want = jax.value_and_grad(oracle_loss, has_aux=True)(params)
+    (_, (out, info)), (g_layer, g_table) = nnx.jit(nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True))(
+        layer, table)
+    (_, want), g_want = jax.jit(jax.value_and_grad(oracle_loss, has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(out).reshape(-1, d_model), np.asarray(want), rtol=2e-4, atol=2e-5)
     for k in ("values", "pre_values"):
         got_k = np.asarray(g_table[k][...])
@@ -258,7 +259,7 @@ def test_model_shares_one_table_and_trains_it(rng):
     def loss(model):
         logits, aux = model(tokens)
         return jnp.mean(logits ** 2), aux
-    grads, aux = nnx.grad(loss, has_aux=True)(model)
+    grads, aux = nnx.jit(nnx.grad(loss, has_aux=True))(model)  # jitted: eager compiles op by op
     mem = cfg.resolved_memory
     touched = np.abs(np.asarray(grads["memory_table"]["values"][...])).sum(-1) > 0
     expected = np.zeros(mem.table_rows, bool)

@@ -84,6 +84,47 @@ def test_sparse_rows_equal_dense_adamw(rng, case):
     assert moved[40:].max() > 1e-3  # never-read rows moved by weight decay alone: the check covers them
 
 
+CATCH_UP = {  # the paper's schedule with b2 0.95 (horizon 260) and a constant LR with b1 0.5, b2 0.9 (horizon 33)
+    "paper": dict(value_learning_rate=0.0, learning_rate=3e-2, warmup_frac=0.05, weight_decay=0.1),
+    "constant": dict(value_learning_rate=2e-2, warmup_frac=0.1, b1=0.5, value_b2=0.9, value_weight_decay=0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CATCH_UP))
+def test_catch_up_equals_numpy_zero_gradient_steps(rng, case):
+    """row_adam's catch-up (the lookups' read and flush) of rows absent from 0 steps to beyond the horizon,
+    with √v from far above ε through ε to far below it, against dense AdamW's zero-gradient steps one by one in
+    float64 (NumPy).  The ε regime is where a one-term (Padé) form of the momentum sum was 0.5 % off."""
+    total, step, rows = 400, 390, 64
+    ocfg = OptimConfig(value_update="sparse", **CATCH_UP[case])
+    hyper = value_row_hyper(ocfg, total)
+    b1, b2, eps, wd = ocfg.b1, ocfg.resolved_value_b2, ocfg.eps, ocfg.resolved_value_weight_decay
+    lr = np.asarray(jax.vmap(value_lr_schedule(ocfg, total))(jnp.arange(total + 1)), np.float64)
+    absent = np.minimum(np.r_[rng.integers(0, 2 * hyper.horizon, rows // 2), rng.integers(0, step + 1, rows // 2)],
+                        step)
+    last = step - absent
+    last[:4] = [0, step, step - 1, step - hyper.horizon]  # from the start, none, one, exactly the horizon
+    assert (step - last > hyper.horizon).sum() > 4 and (step - last < hyper.horizon).sum() > 4
+    p = rng.normal(size=(rows, D)).astype(np.float32)
+    v = (10.0 ** rng.uniform(-22, -6, (rows, D))).astype(np.float32)  # √v̂ from ~1e-11 to ~1e-3 around ε = 1e-8
+    m = (rng.uniform(-1, 1, (rows, D)) * np.sqrt(v)).astype(np.float32)
+    got_p, got_m, got_v = jax.jit(row_adam._catch_up, static_argnums=0)(hyper, p, m, v, jnp.asarray(last, jnp.int32),
+                                                                        jnp.int32(step))
+    want = np.float64(p), np.float64(m), np.float64(v)
+    pw, mw, vw = (x.copy() for x in want)
+    for j in range(step):  # dense AdamW with a zero gradient at step j, for the rows absent then
+        on = (j >= last)[:, None]
+        mw, vw = np.where(on, b1 * mw, mw), np.where(on, b2 * vw, vw)
+        upd = mw / (1 - b1 ** (j + 1)) / (np.sqrt(vw / (1 - b2 ** (j + 1))) + eps) + wd * pw
+        pw = np.where(on, pw - lr[j] * upd, pw)
+    moved = np.abs(pw - p)
+    assert moved.max() > 0.05
+    np.testing.assert_allclose(np.asarray(got_p), pw, rtol=0, atol=1e-6 + 1e-5 * moved.max())
+    # β^k in float32 for k up to 390, as dense AdamW's k float32 products are: a few ulps per step
+    np.testing.assert_allclose(np.asarray(got_m), mw, rtol=5e-5, atol=1e-37)
+    np.testing.assert_allclose(np.asarray(got_v), vw, rtol=5e-5, atol=1e-37)
+
+
 SHARED = {"v2": ("values", "pre_values"), "memplus": ("values",)}  # the tables each kind's layers share (in order)
 
 
@@ -94,8 +135,12 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
     both tables' row norms and one row update per table give, after flushes midway and at the end, optax AdamW's
     tables and moments from the dense gradients of the untapped lookup (V2: the fused gather).  Each run takes its
     gradients at its own tables: the sparse lookups read rows that sat out steps (up to ~55) caught up from the
-    row state (lookup.RowSource), and V2's gradients depend on the rows read (g_k = <P[row], x> scales V[row])."""
-    ocfg = OptimConfig(value_update="sparse", **CASES[case])
+    row state (lookup.RowSource), and V2's gradients depend on the rows read (g_k = <P[row], x> scales V[row]).
+    eps 1e-14: the tapped and the untapped lookup's gradients differ by float32 rounding, and where an entry's
+    √v̂ is near ε dense AdamW's own steps amplify that (2.5e-5 on an entry whose gradient was 1e-4 of its row's
+    by cancellation, seed 2780060112); the catch-up in that regime is checked on equal inputs by
+    test_catch_up_equals_numpy_zero_gradient_steps."""
+    ocfg = OptimConfig(value_update="sparse", **CASES[case], eps=1e-14)
     hyper = value_row_hyper(ocfg, STEPS)
     dense = optax.chain(optax.clip_by_global_norm(ocfg.grad_clip),
                         optax.adamw(value_lr_schedule(ocfg, STEPS), b1=ocfg.b1, b2=ocfg.resolved_value_b2,

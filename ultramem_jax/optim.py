@@ -12,8 +12,9 @@ treatment can follow the other reference systems by config (docs/results.md has 
   value_b2, value_weight_decay   the values' own Adam β₂ and weight decay (None: the shared ones)
   value_update              dense: optax AdamW over the whole table (its gradient built at N × D_v every step);
                             sparse: only the rows a step touched are read and written (row_adam.py), on dense
-                            AdamW's trajectory up to row_adam's ε approximation (a row's skipped steps applied
-                            when a lookup reads it, when it is next updated and at flush); lazy: plain lazy
+                            AdamW's trajectory up to rounding (a row's skipped steps applied, in row_adam's
+                            interpolated closed form, when a lookup reads it, when it is next updated and at
+                            flush); lazy: plain lazy
                             AdamW (untouched rows and their moments stand still, and are read as they are).  Every memory layout (each
                             table shard updates its own rows or columns: value_rows.py) and every value table:
                             V1 / PKM layers' own, UltraMemV2's shared pre-values and values, Memory+'s shared

@@ -6,8 +6,9 @@ is never built at N × D_v; ``sum_duplicates`` turns the T·K row cotangents int
 and ``update`` reads, updates and writes back only those rows of the table and of both moments (scatters into
 the donated buffers).  ``last[r]`` counts the optimizer steps row r has been brought up to.
 
-``sparse``: dense AdamW's trajectory (losses, gradients, table and moments), up to the ε approximation below.  A
-row untouched for steps s … t−1 had a zero gradient there, so dense AdamW would have applied, with ρ = β₁/√β₂ and the step-j constants lr_j, ĉ1_j = 1 − β₁^(j+1), ĉ2_j = 1 − β₂^(j+1):
+``sparse``: dense AdamW's trajectory (losses, gradients, table and moments), up to float32 rounding and the ~1e-6
+relative interpolation error below.  A row untouched for steps s … t−1 had a zero gradient there, so dense AdamW
+would have applied, with the step-j constants lr_j, ĉ1_j = 1 − β₁^(j+1), ĉ2_j = 1 − β₂^(j+1):
 
     m ← β₁^k m,   v ← β₂^k v                                                (k = t − s)
     p ← A p − Σ_{d=1..k} α_d m / (β_d √v + ε),   A = Π_j (1 − lr_j·wd),   j = s + d − 1,
@@ -19,17 +20,22 @@ and so the gradient, sees dense AdamW's parameters, not the stale row), ``update
 before the step's own AdamW update (storing what the forward read, then the step), and ``flush`` to every row
 (checkpoints and evaluation then see the dense optimizer's table and moments).  A and the weight
 decay products come from a float64 table of Σ log(1 − lr_j·wd) over the run's schedule.  The momentum sum is
-elementwise only through √v, so it is taken in a factorised form that needs two scalars per row, not a loop
-over the skipped steps per element:
+elementwise through √v, so it cannot be reduced to a few scalars per row exactly; with x = √v, c_d = 1/β_d and
+w_d = α_d/β_d it is
 
-    Σ_d α_d / (β_d x + ε)  ≈  B₁ / (x + ε·B₂/B₁),   B₁ = Σ_d α_d / β_d,   B₂ = Σ_d α_d / β_d²   (x = √v)
+    Σ_d α_d / (β_d x + ε)  =  Σ_d w_d f(log c_d),   f(t) = 1 / (x + ε·e^t),
 
-exact without ε, and exact to first order in ε/(β_d x) (Padé in ε): the only departure from dense AdamW, of
-relative size (ε/√v̂)² per skipped step while √v̂ ≫ ε, and bounded for rows whose √v̂ is near ε (by convexity
-never larger than dense AdamW's step).  The sums stop after ``horizon(b1, b2)`` terms (ρ^d < 1e-9 beyond,
-ρ = β₁/√β₂); ``tests/test_sparse_update.py`` measures the agreement.  B₁ and B₂ cost O(1) per row, not
-O(horizon): divided by A's factor they depend on ``last`` alone once k ≥ horizon (a table over the run's steps,
-built once in float64), and on k alone below it (``horizon`` sums per step, shared by every row).
+and f is smooth in t = log c (analytic in the strip |Im t| < π, whatever x).  So f is replaced by its Chebyshev
+interpolant over the row's range [log c_1, log c_K] (K = min(k, horizon)), which turns the sum into
+Σ_i W_i / (x + ε C_i) over ``Hyper.nodes`` fixed points C_i of that range, with per-row weights W_i that are
+linear in the w_d (their Chebyshev moments).  ``nodes`` (8–17 for the usual β's) is picked from the widest range
+a row can have so the sum is right to ~1e-6 of itself for every √v, from far above ε through ε to far below.
+(An earlier one-term form, B₁ / (x + ε·B₂/B₁), was exact only to first order in ε/(β_d x): for entries with √v̂
+near ε, whose skipped steps dense AdamW damps by ε, it was 0.5 % off, 1e-3 on a table entry.)  The sums stop
+after ``horizon(b1, b2)`` terms (ρ^d < 1e-9 beyond, ρ = β₁/√β₂); ``tests/test_sparse_update.py`` checks them
+against NumPy float64 steps.  The weights cost O(1) per row, not O(horizon): divided by A's factor they depend
+on ``last`` alone once k ≥ horizon (a table over the run's steps, built once in float64), and on k alone below
+it (``horizon`` weight sets per step, shared by every row); each entry then costs ``nodes`` divisions.
 
 ``lazy``: plain lazy AdamW (PKM's SparseAdam with decoupled weight decay): untouched rows and their moments
 stay as they are, and are read as they are; a touched row takes one AdamW step with its stale moments and the
@@ -87,24 +93,35 @@ class Hyper:
         # log_decay[i] = Σ_{j<i} log(1 − lr_j·wd), in float64 before the cast (a run never steps past its table)
         log_decay = np.concatenate([[0.0], np.cumsum(np.log1p(-lr * weight_decay))])
         self.log_decay = log_decay.astype(np.float32)
-        # per skipped step j: lr_j·√ĉ2_j/ĉ1_j and lr_j·ĉ2_j/ĉ1_j (the momentum sum's B₁ and B₂ terms)
+        # per skipped step j: lr_j·√ĉ2_j/ĉ1_j (with (β₁/√β₂)^d and the decay after j: the weight w_d below)
         j = np.arange(total_steps + 1 + self.horizon)
         lr_j = lr[np.minimum(j, total_steps)]
-        c1, c2 = 1 - b1 ** (j + 1.0), 1 - b2 ** (j + 1.0)
-        terms = (lr_j * np.sqrt(c2) / c1, lr_j * c2 / c1)
-        self.term_tables = tuple(t.astype(np.float32) for t in terms)
-        # a row untouched for k ≥ horizon steps since ``last``: B₁ and B₂ over its whole horizon, relative to
-        # the decay up to ``last`` (coef_a carries the rest), one entry per ``last`` (float64 before the cast)
+        terms = lr_j * np.sqrt(1 - b2 ** (j + 1.0)) / (1 - b1 ** (j + 1.0))
+        self.term_table = terms.astype(np.float32)
+        # the momentum sum Σ_d w_d / (√v + ε c_d) by Chebyshev interpolation in log c over each row's range
+        # (module docstring): ``nodes`` points, enough for ~1e-6 of the sum over the widest range a row can have
+        H = max(self.horizon, 1)
+        half = 0.5 * float(_log_c(np, b2, H - 1, H) - _log_c(np, b2, 0, 1))
+        wide = 0.8 * math.pi  # log c ↦ 1/(√v + ε c) is analytic in the strip |Im log c| < π
+        rate = (wide + math.hypot(half, wide)) / half if half > 0 else math.inf
+        self.nodes = int(np.clip(math.ceil(math.log(2e4) / math.log(rate)), 2, 32))
+        i = np.arange(self.nodes)
+        self.cheb_x = np.cos((2 * i + 1) * np.pi / (2 * self.nodes))  # the nodes on [-1, 1]
+        # node weights from Chebyshev moments μ_m = Σ_d w_d T_m(s_d): W_i = (2/n) Σ'_m T_m(x_i) μ_m
+        to_weights = (2.0 / self.nodes) * np.cos(np.outer(i, np.arccos(self.cheb_x)))
+        to_weights[0] *= 0.5
+        self.to_weights = to_weights
+        # a row untouched for k ≥ horizon steps since ``last``: its node weights relative to the decay up to
+        # ``last`` (coef_a carries the rest), one row per ``last`` (float64 before the cast)
         decay_at = lambda i: log_decay[np.minimum(i, total_steps + 1)]  # noqa: E731
         last = np.arange(total_steps + 2)
-        full = [np.zeros(last.shape), np.zeros(last.shape)]
-        ratios = (b1 / math.sqrt(b2), b1 / b2)
+        lo, hi = _log_c(np, b2, last, 1), _log_c(np, b2, last + H - 1, H)
+        moments = np.zeros((last.shape[0], self.nodes))
         for d in range(1, self.horizon + 1):
             jj = last + d - 1
-            decay = np.exp(decay_at(last) - decay_at(jj + 1))
-            for i in (0, 1):
-                full[i] += ratios[i] ** d * terms[i][np.minimum(jj, len(j) - 1)] * decay
-        self.full_tables = tuple(f.astype(np.float32) for f in full)
+            w = (b1 / math.sqrt(b2)) ** d * terms[np.minimum(jj, len(j) - 1)] * np.exp(decay_at(last) - decay_at(jj + 1))
+            moments += w[:, None] * _chebyshev(np, _unit(np, _log_c(np, b2, jj, d), lo, hi), self.nodes)
+        self.full_weights = (moments @ to_weights).astype(np.float32)
 
     def read(self, p, m, v, last, step):
         """Gathered rows ``p`` as dense AdamW holds them before step ``step``: their skipped steps since ``last``
@@ -123,35 +140,66 @@ def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
     return uniq.astype(jnp.int32), grads
 
 
+def _log_c(xp, b2, j, d):
+    """log c_d = log √(ĉ2_j / β₂^d): the d-th skipped step's √v̂ is √v / c_d (j = last + d − 1)."""
+    return 0.5 * (xp.log1p(-xp.power(b2, j + 1.0)) - d * math.log(b2))
+
+
+def _unit(xp, t, lo, hi):
+    """t mapped from [lo, hi] onto [−1, 1] (a one-point range onto 0)."""
+    width = hi - lo
+    return xp.clip((2 * t - lo - hi) / xp.where(width > 0, width, 1.0), -1.0, 1.0)
+
+
+def _chebyshev(xp, s, n):
+    """T_0(s) … T_{n−1}(s) along a new last axis."""
+    out = [xp.ones_like(s), s]
+    for _ in range(2, n):
+        out.append(2 * s * out[-1] - out[-2])
+    return xp.stack(out[:n], axis=-1)
+
+
 def _catch_up(h: Hyper, p, m, v, last, step):
     """Rows (p, m, v: …×D, ``last``: … per row) brought from step ``last`` up to ``step`` (exclusive) as dense
-    AdamW would with zero gradients.  B₁, B₂ take O(1) per row: rows absent for ≥ horizon steps read a table indexed
-    by ``last`` (Hyper.full_tables); the rest share this step's ``horizon`` possible sums (k = 1 … horizon − 1),
-    computed once per call."""
+    AdamW would with zero gradients.  The momentum sum's node weights take O(1) per row: rows absent for
+    ≥ horizon steps read a table indexed by ``last`` (Hyper.full_weights); the rest share this step's
+    ``horizon`` possible weight sets (k = 0 … horizon − 1), computed once per call."""
     k = step - last
     b1, b2 = jnp.float32(h.b1), jnp.float32(h.b2)
-    lr_tab, log_decay = jnp.asarray(h.lr_table), jnp.asarray(h.log_decay)
-    n_tab = lr_tab.shape[0]
+    log_decay = jnp.asarray(h.log_decay)
+    n_tab = log_decay.shape[0] - 1
     decay_at = lambda i: log_decay[jnp.clip(i, 0, n_tab)]  # noqa: E731
-    end = decay_at(step)
-    ratios = (h.b1 / math.sqrt(h.b2), h.b1 / h.b2)
-    # recent: for k = 0 … H−1 (last = step − k), Σ_{d ≤ k} ratio^d · term_j · exp(D[last] − D[j+1]), j = last+d−1
-    H = h.horizon
-    k_H = jnp.arange(H)[:, None]
-    d_H = jnp.arange(1, H + 1)[None, :]
-    j_HxH = jnp.clip(step - k_H + d_H - 1, 0, h.term_tables[0].shape[0] - 1)
-    decay_HxH = jnp.where(d_H <= k_H, jnp.exp(decay_at(step - k_H) - decay_at(step - k_H + d_H)), 0.0)
-    coefs = []
-    for ratio, terms, full in zip(ratios, h.term_tables, h.full_tables):
-        powers = jnp.asarray(ratio ** np.arange(1, H + 1), jnp.float32)[None, :]
-        recent_H = jnp.sum(powers * jnp.asarray(terms)[j_HxH] * decay_HxH, axis=1)
-        coefs.append(jnp.where(k >= H, jnp.asarray(full)[jnp.clip(last, 0, full.shape[0] - 1)],
-                               recent_H[jnp.clip(k, 0, H - 1)]))
-    coef_a = jnp.exp(end - decay_at(last))
-    coef_b1, coef_b2 = coef_a * coefs[0], coef_a * coefs[1]
+    log_c = lambda j, d: _log_c(jnp, h.b2, jnp.asarray(j, jnp.float32), jnp.asarray(d, jnp.float32))  # noqa: E731
+    # recent: for k = 0 … H−1 (last = step − k), w_d = (β₁/√β₂)^d · term_j · exp(D[last] − D[j+1]), d ≤ k,
+    # j = last + d − 1, and their Chebyshev moments over the row's log c range
+    H, n = h.horizon, h.nodes
+    d_H = jnp.arange(1, H + 1)
+    powers_H = jnp.asarray((h.b1 / math.sqrt(h.b2)) ** np.arange(1, H + 1), jnp.float32)
+    terms = jnp.asarray(h.term_table)
+
+    def recent(k):  # one k's node weights, over d = 1 … H (masked to d ≤ k)
+        last_k = jnp.maximum(step - k, 0)
+        j_H = jnp.clip(last_k + d_H - 1, 0, terms.shape[0] - 1)
+        w_H = jnp.where(d_H <= k, powers_H * terms[j_H] * jnp.exp(decay_at(last_k) - decay_at(last_k + d_H)), 0.0)
+        s_H = _unit(jnp, log_c(j_H, d_H), log_c(last_k, 1), log_c(last_k + k - 1, jnp.maximum(k, 1)))
+        return (w_H @ _chebyshev(jnp, s_H, n)) @ jnp.asarray(h.to_weights, jnp.float32)
+
+    # in blocks of k: an H × H (× nodes) temporary would outweigh a small table, on every read
+    recent_Hxn = jax.lax.map(recent, jnp.arange(H), batch_size=16)
+    full = jnp.asarray(h.full_weights)
+    weights = jnp.where((k >= H)[..., None], full[jnp.clip(last, 0, full.shape[0] - 1)],
+                        recent_Hxn[jnp.clip(k, 0, H - 1)])
+    # the row's nodes: c at the Chebyshev points of its range [log c_1, log c_K], K = min(k, H)
+    K = jnp.clip(k, 1, H)
+    lo, hi = log_c(last, 1), log_c(last + K - 1, K)
+    c_nodes = jnp.exp(0.5 * (lo + hi)[..., None] + 0.5 * (hi - lo)[..., None] * jnp.asarray(h.cheb_x, jnp.float32))
+    coef_a = jnp.exp(decay_at(step) - decay_at(last))
+    x = jnp.sqrt(v)
+    total = 0.0
+    for i in range(n):  # Σ_i W_i / (√v + ε C_i), elementwise (fused, no …×D×n temporary)
+        total = total + weights[..., i, None] / (x + h.eps * c_nodes[..., i, None])
     kf = k.astype(jnp.float32)[..., None]
-    eps = h.eps * jnp.where(coef_b1 > 0, coef_b2 / jnp.where(coef_b1 > 0, coef_b1, 1.0), 1.0)[..., None]
-    p = coef_a[..., None] * p - coef_b1[..., None] * (m / (jnp.sqrt(v) + eps))
+    p = coef_a[..., None] * (p - m * total)
     return p, m * b1 ** kf, v * b2 ** kf
 
 
@@ -184,7 +232,7 @@ def update_arrays(h: Hyper, values_NxD, m_NxD, v_NxD, last_N, ids_U, grads_UxD, 
 
 def flush(h: Hyper, values_NxD, state: RowAdamState, step):
     """Every row caught up to ``step`` optimizer steps (``sparse``; ``lazy`` has nothing to apply): afterwards
-    the table and moments are dense AdamW's (up to the ε approximation).  Costs a pass over the table; for
+    the table and moments are dense AdamW's (up to rounding).  Costs a pass over the table; for
     checkpoints and evaluation."""
     if h.mode != "sparse":
         return values_NxD

@@ -195,9 +195,8 @@ def _catch_up(h: Hyper, p, m, v, last, step):
     c_nodes = jnp.exp(0.5 * (lo + hi)[..., None] + 0.5 * (hi - lo)[..., None] * jnp.asarray(h.cheb_x, jnp.float32))
     coef_a = jnp.exp(decay_at(step) - decay_at(last))
     x = jnp.sqrt(v)
-    total = 0.0
-    for i in range(n):  # Σ_i W_i / (√v + ε C_i), elementwise (fused, no …×D×n temporary)
-        total = total + weights[..., i, None] / (x + h.eps * c_nodes[..., i, None])
+    # Σ_i W_i / (√v + ε C_i): one fused reduction (no …×D×nodes temporary)
+    total = jnp.sum(weights[..., None, :] / (x[..., None] + h.eps * c_nodes[..., None, :]), axis=-1)
     kf = k.astype(jnp.float32)[..., None]
     p = coef_a[..., None] * (p - m * total)
     return p, m * b1 ** kf, v * b2 ** kf

@@ -13,7 +13,8 @@ lanes of vector ops instead: a bitonic network over the lanes, in chunks of lane
 
 Order: scores compare as ``lax.top_k`` compares them (their float bits as sortable int32: -NaN < -inf < …
 < -0 < +0 < … < inf < NaN), ties to the lower id, so the ids equal ``lax.top_k``'s exactly. On other
-platforms ``lax.top_k`` itself runs (``lax.platform_dependent``).
+platforms ``lax.top_k`` itself runs (``lax.platform_dependent``), and on CPU too for calls too small to repay the
+network's compile (``NETWORK_MIN_SCORES``).
 """
 from __future__ import annotations
 
@@ -25,10 +26,17 @@ from jax import lax
 
 LANES = 128  # rows per chunk: a chunk's scores and ids (n·128·8 bytes) stay in the L2 cache
 _MIN = jnp.iinfo(jnp.int32).min
+# the network from this many scores per call: at 1024 x 64 (k 16) it ran in 0.5 ms against lax.top_k's 2.7, at
+# 256 x 64 (k 8) 0.08 against 0.26 ms, after a 1.5-1.9 s compile against 0.02 s (CPU, benchmarks/topk_compile.py)
+NETWORK_MIN_SCORES = 1 << 16
 
 
 def top_k_ids(scores_BxN: jax.Array, k: int) -> jax.Array:
-    """Ids (int32) of the k best scores along the last axis, best first, exactly as ``lax.top_k(x, k)[1]``."""
+    """Ids (int32) of the k best scores along the last axis, best first, exactly as ``lax.top_k(x, k)[1]``.
+    Small problems (rows · N < NETWORK_MIN_SCORES) take ``lax.top_k`` everywhere: the network's compile (1.5–2 s
+    at that size) would cost more than its run-time gain (~0.2 ms a call) saves."""
+    if math.prod(scores_BxN.shape) < NETWORK_MIN_SCORES:
+        return lax.top_k(scores_BxN, k)[1]
     return lax.platform_dependent(scores_BxN, cpu=lambda x: network_top_k_ids(x, k),
                                   default=lambda x: lax.top_k(x, k)[1])
 

@@ -436,11 +436,12 @@ def _strays(compiled, rows, dim):
 
 def _big_table_cfg(kind, update):
     """A model whose value tables (D_v = D_p = 16) outweigh all of its activations: V1's 65,536 rows, UltraMemV2's
-    shared 32,768 (pre-values and values), Memory+'s pool of 65,536."""
+    shared 73,728 (pre-values and values), Memory+'s pool of 65,536."""
     if kind == "v1":
         return _cfg(update, num_keys=256)
     cfg = shared_cfg(kind, update)
-    big = dict(num_keys=128, pre_value_dim=16) if kind == "v2" else dict(num_keys=256)
+    # V2: 73,728 shared rows, so the catch-up's fixed H × H work (~1.4 MB at horizon 260) is not table-sized
+    big = dict(num_keys=192, pre_value_dim=16) if kind == "v2" else dict(num_keys=256)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=dataclasses.replace(
         SHARED_MODELS[kind], **big)))
 

@@ -117,3 +117,36 @@ def test_bfloat16_inputs_give_bfloat16_scores(rng):
     assert scores.dtype == jnp.bfloat16 and slots.dtype == jnp.int32
     # the winners' scores are those rescore gives for them, in the inputs' dtype
     np.testing.assert_array_equal(scores, key_search.rescore(*low[:5], slots))
+
+
+@pytest.mark.parametrize("kind", ["tdqkr", "additive", "query_per_rank"])
+def test_lanes_path_picks_the_row_path_winners(rng, kind):
+    """The CPU path (tokens on the lanes, sorting networks) against the full-score op (V1, PKM) or the row path
+    with lax.top_k (V2's per-rank queries), over two lane chunks with padding (T = 130)."""
+    T, H, D, n, P, M = 130, 2, 8, 40, 8, 12
+    R, C = (1, 1) if kind == "additive" else (2, 2)
+    q_row, q_col, k_row, k_col, cores, u, t = _inputs(rng, T, H, D, n, R, C)
+    if kind == "query_per_rank":
+        q_row, q_col = (jnp.asarray(rng.standard_normal((T, H, R, D)), jnp.float32) for _ in range(2))
+    additive = kind == "additive"
+    args = (q_row, q_col, k_row, k_col, cores, u, t)
+    if additive:
+        args = (q_row, q_col, k_row, k_col, None, jnp.ones((H, R)), jnp.ones((H, R)))
+    slots = jax.jit(lambda *a: key_search.select_lanes(*a, P, M, additive))(*args)
+    if kind == "query_per_rank":
+        want = key_search.select_rows(*args, P, M, additive)
+    else:
+        want = _full_scores_op(q_row, q_col, k_row, k_col, cores, u, t, P, M, additive)[1]
+    scores = key_search.rescore(q_row, q_col, k_row, k_col, cores, want, additive).sum(-1)
+    clear = _clear(scores, 1e-4)
+    assert slots.shape == (T, H, M) and slots.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(slots)[clear], np.asarray(want)[clear])
+
+
+def test_select_takes_the_lanes_path_on_cpu_for_large_calls(rng):
+    """Past topk.NETWORK_MIN_SCORES scores the CPU program runs the lane-chunk loop, below it lax.top_k."""
+    def hlo(T):
+        args = _inputs(rng, T, 2, 8, 256, 2, 2)
+        return jax.jit(lambda *a: key_search.select(*a, 8, 8)).lower(*args).as_text()
+    assert "while" in hlo(128) and "top_k" not in hlo(128)
+    assert "top_k" in hlo(16) and "while" not in hlo(16)

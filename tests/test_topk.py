@@ -30,3 +30,13 @@ def test_network_equals_lax_top_k(rng, shape, k):
 def test_bad_k_is_refused():
     with pytest.raises(ValueError, match="k must be"):
         topk.network_top_k_ids(jnp.zeros((4, 5)), 6)
+
+
+def test_lanes_top_k_ids_takes_columns(rng):
+    """The lane-major entry point: problems on the last axis, candidates on the first, ties to the lower id."""
+    x = rng.standard_normal((70, 9)).astype(np.float32)
+    x[:20, 0] = 0.5  # tied candidates in one lane
+    want = jax.lax.top_k(jnp.asarray(x.T), 10)[1]
+    np.testing.assert_array_equal(jax.jit(lambda x: topk.lanes_top_k_ids(x, 10))(jnp.asarray(x)).T, want)
+    with pytest.raises(ValueError, match="k must be"):
+        topk.lanes_top_k_ids(jnp.zeros((4, 5)), 5)

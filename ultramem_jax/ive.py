@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ultramem_jax.gather import take_rows
+
 
 def make_permutation(seed: int, num_virtual: int) -> np.ndarray:
     """The fixed shuffle π of [0, E·N), drawn once (numpy, so it costs no device compile)."""
@@ -24,7 +26,7 @@ def make_permutation(seed: int, num_virtual: int) -> np.ndarray:
 
 def virtual_to_physical(slots: jax.Array, permutation: jax.Array | None, num_values: int):
     """Virtual slot ids → (block id in [0, E), physical row in [0, N))."""
-    v = slots if permutation is None else jnp.take(permutation, slots, axis=0)
+    v = slots if permutation is None else take_rows(permutation, slots)
     return v // num_values, v % num_values
 
 
@@ -40,7 +42,7 @@ def gather_pool(values_NxD: jax.Array, rows_TxK: jax.Array, blocks_TxK: jax.Arra
     C = scores_TxKxC.shape[-1]
     D = values_NxD.shape[-1]
     if gathered_TxKxD is None:
-        gathered_TxKxD = jnp.take(values_NxD, rows_TxK, axis=0)
+        gathered_TxKxD = take_rows(values_NxD, rows_TxK)
     rows_TxKxCxd = gathered_TxKxD.reshape(T, K, C, D // C)
     onehot_TxKxE = jax.nn.one_hot(blocks_TxK, num_blocks, dtype=scores_TxKxC.dtype)
     weights_TxKxExC = onehot_TxKxE[..., :, None] * scores_TxKxC[..., None, :]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ultramem_jax import ive, key_search
+from ultramem_jax.gather import take_rows
 
 IMPLS = ("xla", "tpu", "gpu", "gpu_pool", "interpret")  # gpu_pool: only the gather-pool kernel
 
@@ -77,9 +78,9 @@ def xla_pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_T
     """
     T, K, C = scores_TxKxC.shape
     dt = scores_TxKxC.dtype
-    pre_rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0).astype(dt)
+    pre_rows_TxKxP = take_rows(pre_values_NxP, rows_TxK).astype(dt)
     gate_TxK = jnp.einsum("tkp,tp->tk", pre_rows_TxKxP, pre_TxP.astype(dt))
-    rows_TxKxCxd = jnp.take(values_NxD, rows_TxK, axis=0).reshape(T, K, C, -1).astype(dt)
+    rows_TxKxCxd = take_rows(values_NxD, rows_TxK).reshape(T, K, C, -1).astype(dt)
     out_TxCxd = jnp.einsum("tkc,tkcd->tcd", scores_TxKxC * gate_TxK[..., None], rows_TxKxCxd)
     return out_TxCxd.reshape(T, values_NxD.shape[1])
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ultramem_jax import topk
+from ultramem_jax import topk as topk_lib
+from ultramem_jax.gather import take_along
 
 
 def _pick(keys_HxNxDxR, ids_TxHxK):
@@ -36,7 +37,7 @@ def _pick(keys_HxNxDxR, ids_TxHxK):
 def top_ids(scores_TxHxN, k: int):
     """Ids of the k best scores, best first, ties to the lowest id (``lax.top_k``'s order; a sorting network
     on CPU, topk.py)."""
-    return topk.top_k_ids(scores_TxHxN, k)
+    return topk_lib.top_k_ids(scores_TxHxN, k)
 
 
 def preselect_scores(query_TxHxD, keys_HxNxDxR, direction_HxR):
@@ -71,8 +72,8 @@ def winners(grid_TxHxPP, rows_TxHxP, cols_TxHxP, n: int, topk: int):
     """Slot ids (row·n + col) of the ``topk`` best candidates, best first."""
     P = rows_TxHxP.shape[-1]
     flat_TxHxM = top_ids(grid_TxHxPP, topk)
-    rows = jnp.take_along_axis(rows_TxHxP, flat_TxHxM // P, axis=-1)
-    cols = jnp.take_along_axis(cols_TxHxP, flat_TxHxM % P, axis=-1)
+    rows = take_along(rows_TxHxP, flat_TxHxM // P, axis=-1)
+    cols = take_along(cols_TxHxP, flat_TxHxM % P, axis=-1)
     return (rows * n + cols).astype(jnp.int32)
 
 
@@ -86,11 +87,69 @@ def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
         u_HxR = t_HxR = jnp.ones(k_row.shape[::3], jnp.float32)
     else:
         cores_CxHxRxR = jax.lax.stop_gradient(cores_CxHxRxR)
+    args = (q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive)
+    T, H, N = q_row.shape[0], q_row.shape[1], k_row.shape[1]
+    if T * H * N < topk_lib.NETWORK_MIN_SCORES:  # too small to repay the networks' compile (topk.py)
+        return select_rows(*args)
+    return jax.lax.platform_dependent(*args[:7], cpu=lambda *a: select_lanes(*a, *args[7:]),
+                                      default=lambda *a: select_rows(*a, *args[7:]))
+
+
+def select_rows(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive):
+    """``select`` with a token per row: the TPU/GPU path (``lax.top_k`` along the last axis)."""
     rows_TxHxP = top_ids(preselect_scores(q_row, k_row, u_HxR), preselect)
     cols_TxHxP = top_ids(preselect_scores(q_col, k_col, t_HxR), preselect)
     grid_TxHxPP = candidate_grid(rank_scores_at(q_row, k_row, rows_TxHxP), rank_scores_at(q_col, k_col, cols_TxHxP),
                                  cores_CxHxRxR, additive)
     return winners(grid_TxHxPP, rows_TxHxP, cols_TxHxP, k_row.shape[1], topk)
+
+
+def select_lanes(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive):
+    """``select`` with a token per lane: the CPU path.
+
+    The sorting networks (topk.py) work on lanes, so here every score is computed with the tokens on the last
+    axis: a chunk of ``topk.LANES`` tokens of one head at a time, all of its arrays small enough for the cache,
+    with no transpose between the matmuls and the networks. A chunk's R rank scores of every key come from one
+    matmul (R·N·D per token, the size of the pre-selection's), and the pre-selected keys' rank scores are
+    gathered from them (P·R numbers per token instead of P·D·R key entries).
+    """
+    T, H = q_row.shape[:2]
+    N, lanes = k_row.shape[1], topk_lib.LANES
+    chunks = -(-T // lanes)
+    P = preselect
+    c_sum_HxRxR = None if additive else cores_CxHxRxR.astype(jnp.float32).sum(axis=0)
+
+    def per_chunk(q):  # T×H×[R×]D → (H·chunks)×L×[R×]D, head-major
+        q = jnp.pad(q, [(0, chunks * lanes - T)] + [(0, 0)] * (q.ndim - 1))
+        q = jnp.moveaxis(q.reshape(chunks, lanes, *q.shape[1:]), 2, 0)
+        return q.reshape(H * chunks, lanes, *q.shape[3:])
+
+    def preselected(q_LxD, keys_NxDxR, direction_R):
+        """The P best keys by the pre-selection score (P×L) and their R rank scores (R×P×L)."""
+        spec = "ndr,lrd->rnl" if q_LxD.ndim == 3 else "ndr,ld->rnl"  # per-rank queries (V2)
+        s_RxNxL = jnp.einsum(spec, keys_NxDxR, q_LxD, preferred_element_type=jnp.float32)
+        pre_NxL = jnp.einsum("r,rnl->nl", direction_R.astype(jnp.float32), s_RxNxL)
+        ids_PxL = topk_lib.lanes_top_k_ids(pre_NxL, P)
+        return ids_PxL, take_along(s_RxNxL, ids_PxL[None], axis=1)
+
+    def chunk_winners(xs):
+        q_row_L, q_col_L, h = xs
+        rows_PxL, s_row_RxPxL = preselected(q_row_L, k_row[h], u_HxR[h])
+        cols_PxL, s_col_RxPxL = preselected(q_col_L, k_col[h], t_HxR[h])
+        if additive:
+            grid_PxPxL = s_row_RxPxL[0, :, None] + s_col_RxPxL[0, None, :]
+        else:  # Σ_ab s_row[a] C[a, b] s_col[b], elementwise over the lanes (R is small)
+            t_col_RxPxL = jnp.einsum("ab,bql->aql", c_sum_HxRxR[h], s_col_RxPxL)
+            grid_PxPxL = (s_row_RxPxL[:, :, None] * t_col_RxPxL[:, None]).sum(axis=0)
+        flat_MxL = topk_lib.lanes_top_k_ids(grid_PxPxL.reshape(P * P, lanes), topk)
+        rows = take_along(rows_PxL, flat_MxL // P, axis=0)
+        cols = take_along(cols_PxL, flat_MxL % P, axis=0)
+        return (rows * N + cols).astype(jnp.int32)
+
+    heads = jnp.repeat(jnp.arange(H, dtype=jnp.int32), chunks)
+    slots_GxMxL = jax.lax.map(chunk_winners, (per_chunk(q_row), per_chunk(q_col), heads))
+    slots_CxLxHxM = slots_GxMxL.reshape(H, chunks, topk, lanes).transpose(1, 3, 0, 2)
+    return slots_CxLxHxM.reshape(chunks * lanes, H, topk)[:T]
 
 
 def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,

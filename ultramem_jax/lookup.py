@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ultramem_jax import kernels
+from ultramem_jax.gather import take_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def read_rows(table_NxD, rows_TxK, tap_TxKxD, source: RowSource | None = None):
     """The tapped gather (sparse value updates): the rows of the table held outside autodiff, caught up by
     ``source`` when given (else as stored: ``lazy``), plus the tap, whose gradient is then the rows' gradient at
     the values the forward read."""
-    take = lambda x: jnp.take(x, rows_TxK, axis=0)  # noqa: E731
+    take = lambda x: take_rows(x, rows_TxK)  # noqa: E731
     rows_TxKxD = take(jax.lax.stop_gradient(table_NxD))
     if source is not None:
         rows_TxKxD = source.read(rows_TxKxD, take(source.m), take(source.v), take(source.last),
@@ -79,7 +80,7 @@ def prevalue_dots(pre_values_NxP, rows_TxK, pre_x_TxP, tap_TxKxP=None, source=No
     """g_k = <P[row_k], pre_x> in float32 (a partial dot when P and pre_x are one column slice).  ``tap_TxKxP``
     and ``source`` (sparse value updates): the rows are read by ``read_rows``."""
     if tap_TxKxP is None:
-        rows_TxKxP = jnp.take(pre_values_NxP, rows_TxK, axis=0)
+        rows_TxKxP = take_rows(pre_values_NxP, rows_TxK)
     else:
         rows_TxKxP = read_rows(pre_values_NxP, rows_TxK, tap_TxKxP, source)
     return jnp.einsum("tkp,tp->tk", rows_TxKxP, pre_x_TxP.astype(rows_TxKxP.dtype),

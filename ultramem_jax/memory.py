@@ -18,6 +18,7 @@ from flax import nnx
 from ultramem_jax import ive, kernels, lookup, tdqkr
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import MemoryConfig
+from ultramem_jax.gather import take_rows
 from ultramem_jax.init import norm_weights, value_std
 
 
@@ -204,7 +205,7 @@ class UltraMemLayer(nnx.Module):
         raw_TxHxMxC, slots_TxHxM, balance = self._select(x_TxD)
         scores_TxHxMxC = self._activate(raw_TxHxMxC)
         # IVE shuffle: id = π(slot) = block·N + row, split again inside the lookup
-        ids_TxHxM = slots_TxHxM if self.permutation is None else jnp.take(self.permutation[...], slots_TxHxM)
+        ids_TxHxM = slots_TxHxM if self.permutation is None else take_rows(self.permutation[...], slots_TxHxM)
         K = cfg.heads * cfg.topk  # all heads' winners pool into the same E blocks (official code)
         ids_TxK = ids_TxHxM.reshape(-1, K)
         out_proj = self.out_proj[...] if cfg.output_proj else None

@@ -32,6 +32,7 @@ from flax import nnx
 from ultramem_jax import ive, kernels, lookup, table_share
 from ultramem_jax import sharding as sh
 from ultramem_jax.config import MemoryConfig
+from ultramem_jax.gather import take_rows
 from ultramem_jax.init import v2_linear_stds, v2_table_std, value_std
 from ultramem_jax.memory import MemoryBuffer, UltraMemLayer, _param
 
@@ -93,7 +94,7 @@ class UltraMemV2Layer(UltraMemLayer):
         x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
         raw_TxHxMxC, slots_TxHxM, balance = self._select(x_TxD)
         scores_TxHxMxC = self._activate(raw_TxHxMxC)
-        ids_TxHxM = slots_TxHxM if self.permutation is None else jnp.take(self.permutation[...], slots_TxHxM)
+        ids_TxHxM = slots_TxHxM if self.permutation is None else take_rows(self.permutation[...], slots_TxHxM)
         K = cfg.heads * cfg.topk
         local_TxK = (ids_TxHxM % cfg.num_values).reshape(-1, K)
         rows_TxK = table_share.physical_rows(local_TxK, self.offset, cfg.table_rows)

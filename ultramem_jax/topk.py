@@ -22,7 +22,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+
 from jax import lax
+
+from ultramem_jax.gather import take_along
 
 LANES = 128  # rows per chunk: a chunk's scores and ids (n·128·8 bytes) stay in the L2 cache
 _MIN = jnp.iinfo(jnp.int32).min
@@ -55,6 +58,16 @@ def network_top_k_ids(scores_BxN: jax.Array, k: int) -> jax.Array:
     return ids_CxKxL.transpose(0, 2, 1).reshape(chunks * LANES, k)[:rows].reshape(*batch, k)
 
 
+def lanes_top_k_ids(scores_NxL: jax.Array, k: int) -> jax.Array:
+    """Ids (int32, K×L) of the k best scores down each column (a row per candidate, a lane per problem), best
+    first, with ``lax.top_k``'s order: the network without transposing, for callers that compute their scores
+    with the problems on the last axis already (key_search's CPU path)."""
+    n = scores_NxL.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"lanes_top_k_ids: k must be in 1…{n}, got {k}")
+    return _top_k_lanes(_sortable(scores_NxL), k)
+
+
 def _sortable(x):
     """float → int32 with the same order as lax.top_k's comparator (total order on the float bits)."""
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
@@ -72,7 +85,7 @@ def _top_k_lanes(keys_NxL, k):
     keys_GxSxL = _pad_rows(keys_NxL, groups * group, _MIN).reshape(groups, group, lanes)
     # the best `width` groups by their maximum, ties to the lower group (groups ≥ 2·width by the choice above)
     _, best_KxL = _network(keys_GxSxL.max(axis=1), lax.broadcasted_iota(jnp.int32, (groups, lanes), 0), width)
-    cand_keys = jnp.take_along_axis(keys_GxSxL, best_KxL[:, None, :], axis=0).reshape(width * group, lanes)
+    cand_keys = take_along(keys_GxSxL, best_KxL[:, None, :], axis=0).reshape(width * group, lanes)
     cand_ids = (best_KxL[:, None, :] * group + lax.broadcasted_iota(jnp.int32, (1, group, 1), 1)).reshape(
         width * group, lanes)
     return _network(cand_keys, cand_ids, width)[1][:k]

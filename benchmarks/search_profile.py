@@ -108,6 +108,8 @@ def stages(x, P, M):
             (lambda gr, r, c: ks.winners(gr, r, c, n, M), (grid, rows, cols))),
         "new: per-core scores of the M winners (rescore)": (
             None, (ks.rescore, (*args[:5], slots))),
+        "selection alone: old column = row path (select_rows) | new = lane path (select_lanes, CPU)": (
+            (lambda *a: ks.select_rows(*a, P, M, False), args), (lambda *a: ks.select_lanes(*a, P, M, False), args)),
         "whole search, forward": ((lambda *a: old_search(*a, P, M), args), (lambda *a: ks.search(*a, P, M), args)),
         "whole search, forward + backward": ((grad(old_search), args), (grad(ks.search), args)),
     }

@@ -122,7 +122,7 @@ def test_bfloat16_inputs_give_bfloat16_scores(rng):
 @pytest.mark.parametrize("kind", ["tdqkr", "additive", "query_per_rank"])
 def test_lanes_path_picks_the_row_path_winners(rng, kind):
     """The CPU path (tokens on the lanes, sorting networks) against the full-score op (V1, PKM) or the row path
-    with lax.top_k (V2's per-rank queries), over two lane chunks with padding (T = 130)."""
+    with lax.top_k (V2's per-rank queries), over two chunks of 128 lanes, the second padded (T = 130)."""
     T, H, D, n, P, M = 130, 2, 8, 40, 8, 12
     R, C = (1, 1) if kind == "additive" else (2, 2)
     q_row, q_col, k_row, k_col, cores, u, t = _inputs(rng, T, H, D, n, R, C)
@@ -132,7 +132,7 @@ def test_lanes_path_picks_the_row_path_winners(rng, kind):
     args = (q_row, q_col, k_row, k_col, cores, u, t)
     if additive:
         args = (q_row, q_col, k_row, k_col, None, jnp.ones((H, R)), jnp.ones((H, R)))
-    slots = jax.jit(lambda *a: key_search.select_lanes(*a, P, M, additive))(*args)
+    slots = jax.jit(lambda *a: key_search.select_lanes(*a, P, M, additive, lanes=128))(*args)
     if kind == "query_per_rank":
         want = key_search.select_rows(*args, P, M, additive)
     else:

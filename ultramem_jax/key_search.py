@@ -77,6 +77,12 @@ def winners(grid_TxHxPP, rows_TxHxP, cols_TxHxP, n: int, topk: int):
     return (rows * n + cols).astype(jnp.int32)
 
 
+# tokens of one head per step of the CPU path's loop: tiny-x12's selection (2048 tokens, 2 heads, 408 keys a side)
+# took 35 / 33 / 33 / 28 / 30 ms at 128 / 256 / 512 / 1024 / 2048, the row path 37 ms (fewer loop steps, each
+# a few hundred small ops, against arrays that stay in cache)
+LANE_CHUNK = 1024
+
+
 def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
            preselect: int, topk: int, additive: bool = False):
     """The winners' slot ids T×H×M (slot = row·N + col), best first; no gradient."""
@@ -104,17 +110,21 @@ def select_rows(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, presele
     return winners(grid_TxHxPP, rows_TxHxP, cols_TxHxP, k_row.shape[1], topk)
 
 
-def select_lanes(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive):
+def select_lanes(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive,
+                 lanes: int = 0):
     """``select`` with a token per lane: the CPU path.
 
     The sorting networks (topk.py) work on lanes, so here every score is computed with the tokens on the last
-    axis: a chunk of ``topk.LANES`` tokens of one head at a time, all of its arrays small enough for the cache,
+    axis: a chunk of ``LANE_CHUNK`` tokens of one head at a time, its arrays small enough for the cache,
     with no transpose between the matmuls and the networks. A chunk's R rank scores of every key come from one
     matmul (R·N·D per token, the size of the pre-selection's), and the pre-selected keys' rank scores are
-    gathered from them (P·R numbers per token instead of P·D·R key entries).
+    gathered from them (P·R numbers per token instead of P·D·R key entries). The gain is modest (tiny-x12:
+    37 → 28 ms for both sides of one layer, benchmarks/search_profile.py): the networks' compare-swap passes
+    remain most of the time. ``lanes``: tokens per chunk (0: ``LANE_CHUNK``).
     """
     T, H = q_row.shape[:2]
-    N, lanes = k_row.shape[1], topk_lib.LANES
+    N = k_row.shape[1]
+    lanes = lanes or LANE_CHUNK
     chunks = -(-T // lanes)
     P = preselect
     c_sum_HxRxR = None if additive else cores_CxHxRxR.astype(jnp.float32).sum(axis=0)
@@ -124,23 +134,30 @@ def select_lanes(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, presel
         q = jnp.moveaxis(q.reshape(chunks, lanes, *q.shape[1:]), 2, 0)
         return q.reshape(H * chunks, lanes, *q.shape[3:])
 
-    def preselected(q_LxD, keys_NxDxR, direction_R):
+    R = k_row.shape[-1]
+    k_row_HxRxNxD, k_col_HxRxNxD = (jnp.transpose(k, (0, 3, 1, 2)) for k in (k_row, k_col))
+
+    def preselected(q_LxD, keys_RxNxD, direction_R):
         """The P best keys by the pre-selection score (P×L) and their R rank scores (R×P×L)."""
-        spec = "ndr,lrd->rnl" if q_LxD.ndim == 3 else "ndr,ld->rnl"  # per-rank queries (V2)
-        s_RxNxL = jnp.einsum(spec, keys_NxDxR, q_LxD, preferred_element_type=jnp.float32)
+        if q_LxD.ndim == 3:  # per-rank queries (V2)
+            s_RxNxL = jnp.einsum("rnd,lrd->rnl", keys_RxNxD, q_LxD, preferred_element_type=jnp.float32)
+        else:  # one [R·N, D] × [D, L] matmul
+            s_RxNxL = jnp.einsum("md,ld->ml", keys_RxNxD.reshape(R * N, -1), q_LxD,
+                                 preferred_element_type=jnp.float32).reshape(R, N, -1)
         pre_NxL = jnp.einsum("r,rnl->nl", direction_R.astype(jnp.float32), s_RxNxL)
         ids_PxL = topk_lib.lanes_top_k_ids(pre_NxL, P)
         return ids_PxL, take_along(s_RxNxL, ids_PxL[None], axis=1)
 
     def chunk_winners(xs):
         q_row_L, q_col_L, h = xs
-        rows_PxL, s_row_RxPxL = preselected(q_row_L, k_row[h], u_HxR[h])
-        cols_PxL, s_col_RxPxL = preselected(q_col_L, k_col[h], t_HxR[h])
+        rows_PxL, s_row_RxPxL = preselected(q_row_L, k_row_HxRxNxD[h], u_HxR[h])
+        cols_PxL, s_col_RxPxL = preselected(q_col_L, k_col_HxRxNxD[h], t_HxR[h])
         if additive:
             grid_PxPxL = s_row_RxPxL[0, :, None] + s_col_RxPxL[0, None, :]
         else:  # Σ_ab s_row[a] C[a, b] s_col[b], elementwise over the lanes (R is small)
-            t_col_RxPxL = jnp.einsum("ab,bql->aql", c_sum_HxRxR[h], s_col_RxPxL)
-            grid_PxPxL = (s_row_RxPxL[:, :, None] * t_col_RxPxL[:, None]).sum(axis=0)
+            c_RxR = c_sum_HxRxR[h]
+            grid_PxPxL = sum(s_row_RxPxL[a, :, None] * s_col_RxPxL[b, None, :] * c_RxR[a, b]
+                             for a in range(R) for b in range(R))
         flat_MxL = topk_lib.lanes_top_k_ids(grid_PxPxL.reshape(P * P, lanes), topk)
         rows = take_along(rows_PxL, flat_MxL // P, axis=0)
         cols = take_along(cols_PxL, flat_MxL % P, axis=0)

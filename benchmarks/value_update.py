@@ -13,7 +13,9 @@ buffer-donating calls of:
            and updated, written back in place (row_adam.update);
   lazy     ``value_update: lazy``: the same without the catch-up;
   flush    ``sparse``'s catch-up of every row (once per checkpoint or evaluation, not per step).
-Prints one line per size and the ratios of the largest size to the smallest.
+Prints one line per size and the ratios of the largest size to the smallest.  ``--clock cpu`` times the
+process's CPU time (all threads) instead of the wall clock: steadier on a loaded machine, where a niced run's
+wall time is mostly waiting.
 """
 from __future__ import annotations
 
@@ -36,20 +38,23 @@ from ultramem_jax.optim import OptimConfig, make_optimizer, value_row_hyper  # n
 D_V, READS, STEP, TOTAL = 64, 16 * 128 * 2 * 16, 1000, 10_000
 
 
-def median_ms(fn, state, inputs, repeats):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_ms(fn, state, inputs, repeats, clock=time.perf_counter):
     """``fn(*state, *inputs)`` donates and returns its state: thread it through; the first call compiles.  The
     ids and gradients go in as arguments (as constants XLA would fold the dense gradient away)."""
     times = []
     for i in range(repeats + 1):
-        t = time.perf_counter()
+        t = clock()
         state = fn(*state, *inputs)
         jax.block_until_ready(state)
         if i:
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def measure(log2_rows, repeats, rng):
+def measure(log2_rows, repeats, rng, clock=time.perf_counter):
     n = 1 << log2_rows
     table = jnp.asarray(rng.standard_normal((n, D_V)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, n, READS), jnp.int32)
@@ -64,7 +69,8 @@ def measure(log2_rows, repeats, rng):
         g = jnp.zeros_like(params["values"]).at[ids].add(grads)
         updates, opt_state = tx.update({"values": g}, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-    out["dense"] = median_ms(jax.jit(dense, donate_argnums=(0, 1)), (params, tx.init(params)), (ids, grads), repeats)
+    out["dense"] = median_ms(jax.jit(dense, donate_argnums=(0, 1)), (params, tx.init(params)), (ids, grads), repeats,
+                             clock)
 
     for mode in ("sparse", "lazy"):
         hyper = value_row_hyper(OptimConfig(value_update=mode), TOTAL)
@@ -79,14 +85,15 @@ def measure(log2_rows, repeats, rng):
         last = jnp.asarray(rng.integers(STEP - 300, STEP, n), jnp.int32)
         moments = (jnp.abs(table) * 1e-3, jnp.square(table) * 1e-4)
         fresh = lambda: (table + 0, moments[0] + 0, moments[1] + 0, last + 0)  # noqa: E731 (each run donates its own)
-        out[mode] = median_ms(jax.jit(sparse, donate_argnums=(0, 1, 2, 3)), fresh(), (ids, grads), repeats)
+        out[mode] = median_ms(jax.jit(sparse, donate_argnums=(0, 1, 2, 3)), fresh(), (ids, grads), repeats, clock)
         if mode == "sparse":
             def flush(values, m, v, last, hyper=hyper):
                 state = row_adam.RowAdamState(values)
                 state.m[...], state.v[...], state.last[...] = m, v, last
                 values = row_adam.flush(hyper, values, state, jnp.int32(STEP))
                 return values, state.m[...], state.v[...], last
-            out["flush"] = median_ms(jax.jit(flush, donate_argnums=(0, 1, 2, 3)), fresh(), (), max(1, repeats // 2))
+            out["flush"] = median_ms(jax.jit(flush, donate_argnums=(0, 1, 2, 3)), fresh(), (), max(1, repeats // 2),
+                                      clock)
     return out
 
 
@@ -95,17 +102,20 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per point (median)")
     p.add_argument("--min-log2-rows", type=int, default=14)
     p.add_argument("--max-log2-rows", type=int, default=22)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: the process's CPU time over all threads")
     args = p.parse_args(argv)
     if not 10 <= args.min_log2_rows <= args.max_log2_rows <= 26:
         common.fail("need 10 <= --min-log2-rows <= --max-log2-rows <= 26")
     if args.repeats < 1:
         common.fail("--repeats must be >= 1")
     rng = np.random.default_rng(0)
-    print(f"device: {common.device_line()}; D_v {D_V}, {READS:,} row reads per step, median of {args.repeats}")
+    print(f"device: {common.device_line()}; D_v {D_V}, {READS:,} row reads per step, median of {args.repeats} "
+          f"({args.clock} clock)")
     rows = {}
     for k in range(args.min_log2_rows, args.max_log2_rows + 1, 2 if args.max_log2_rows - args.min_log2_rows > 4
                    else 1):
-        rows[k] = measure(k, args.repeats, rng)
+        rows[k] = measure(k, args.repeats, rng, CLOCKS[args.clock])
         r = rows[k]
         print(f"2^{k} rows: dense {r['dense']:.2f} ms | sparse {r['sparse']:.2f} ms | lazy {r['lazy']:.2f} ms | "
               f"flush {r['flush']:.2f} ms | dense/sparse {r['dense'] / r['sparse']:.1f}x", flush=True)

@@ -122,6 +122,11 @@ class Hyper:
             w = (b1 / math.sqrt(b2)) ** d * terms[np.minimum(jj, len(j) - 1)] * np.exp(decay_at(last) - decay_at(jj + 1))
             moments += w[:, None] * _chebyshev(np, _unit(np, _log_c(np, b2, jj, d), lo, hi), self.nodes)
         self.full_weights = (moments @ to_weights).astype(np.float32)
+        # and its nodes ε·C_i, one row per ``last`` up to where they stop changing in float32 (ĉ2 → 1): a row's
+        # nodes are then one gather, not ``nodes`` exponentials
+        eps_c = (eps * _node_c(np, b2, last, H, self.cheb_x)).astype(np.float32)
+        same = np.all(eps_c == eps_c[-1], axis=1)  # a run of rows equal to the last one ends the table
+        self.full_eps_c = eps_c[:1] if same.all() else eps_c[:len(same) - np.argmin(same[::-1]) + 1]
 
     def read(self, p, m, v, last, step):
         """Gathered rows ``p`` as dense AdamW holds them before step ``step``: their skipped steps since ``last``
@@ -131,12 +136,14 @@ class Hyper:
 
 
 def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):
-    """(ids_U, grads_UxD): each distinct row once with its summed gradient; U = T·K slots, the unused ones
-    padded with id ``num_rows`` (outside the table: gathers fill, scatters drop them) and zero gradients."""
+    """(ids_U, grads_UxD): each distinct row once with its summed gradient; U = min(T·K, num_rows + 1) slots (no
+    more distinct ids can occur: the table's rows and the padding id of a shard's foreign reads), the unused
+    ones padded with id ``num_rows`` (outside the table: gathers fill, scatters drop them) and zero gradients.
+    Every later per-row cost scales with U, so a table smaller than a step's reads pays for its rows only."""
     ids = ids_TxK.reshape(-1)
-    size = ids.shape[0]
+    size = min(ids.shape[0], num_rows + 1)
     uniq, inverse = jnp.unique(ids, size=size, fill_value=num_rows, return_inverse=True)
-    grads = jax.ops.segment_sum(grads_TxKxD.reshape(size, -1), inverse.reshape(-1), num_segments=size)
+    grads = jax.ops.segment_sum(grads_TxKxD.reshape(ids.shape[0], -1), inverse.reshape(-1), num_segments=size)
     return uniq.astype(jnp.int32), grads
 
 
@@ -149,6 +156,13 @@ def _unit(xp, t, lo, hi):
     """t mapped from [lo, hi] onto [−1, 1] (a one-point range onto 0)."""
     width = hi - lo
     return xp.clip((2 * t - lo - hi) / xp.where(width > 0, width, 1.0), -1.0, 1.0)
+
+
+def _node_c(xp, b2, last, K, cheb_x):
+    """The Chebyshev nodes C_i = c at the points ``cheb_x`` of the range [log c_1, log c_K] of a row last
+    updated at ``last`` and absent K ≥ 1 steps (…× nodes)."""
+    lo, hi = _log_c(xp, b2, last, 1), _log_c(xp, b2, last + K - 1, K)
+    return xp.exp(0.5 * (lo + hi)[..., None] + 0.5 * (hi - lo)[..., None] * cheb_x)
 
 
 def _chebyshev(xp, s, n):
@@ -191,17 +205,23 @@ def _catch_up(h: Hyper, p, m, v, last, step):
             t_prev, t_now = t_now, 2 * s_HxH * t_now - t_prev
         moments.append(jnp.sum(w_HxH * (t_prev if i == 0 else t_now), axis=1))
     recent_Hxn = jnp.stack(moments, axis=1) @ jnp.asarray(h.to_weights, jnp.float32)
-    full = jnp.asarray(h.full_weights)
-    weights = jnp.where((k >= H)[..., None], full[jnp.clip(last, 0, full.shape[0] - 1)],
-                        recent_Hxn[jnp.clip(k, 0, H - 1)])
-    # the row's nodes: c at the Chebyshev points of its range [log c_1, log c_K], K = min(k, H)
-    K = jnp.clip(k, 1, H)
-    lo, hi = log_c(last, 1), log_c(last + K - 1, K)
-    c_nodes = jnp.exp(0.5 * (lo + hi)[..., None] + 0.5 * (hi - lo)[..., None] * jnp.asarray(h.cheb_x, jnp.float32))
+    # the nodes of the same H ranges (K = min(k, H), at least 1: a row with k = 0 has zero weights)
+    recent_c_Hxn = h.eps * _node_c(jnp, h.b2, last_H[:, 0].astype(jnp.float32),
+                                   jnp.maximum(k_H[:, 0], 1).astype(jnp.float32), jnp.asarray(h.cheb_x, jnp.float32))
+    # per row: the weights and nodes of its k (k < H) or of its ``last`` (k ≥ H), gathered
+    full, full_c = jnp.asarray(h.full_weights), jnp.asarray(h.full_eps_c)
+    recent = jnp.clip(k, 0, H - 1)
+    long = (k >= H)[..., None]
+    weights = jnp.where(long, full[jnp.clip(last, 0, full.shape[0] - 1)], recent_Hxn[recent])
+    eps_c = jnp.where(long, full_c[jnp.clip(last, 0, full_c.shape[0] - 1)], recent_c_Hxn[recent])
     coef_a = jnp.exp(decay_at(step) - decay_at(last))
     x = jnp.sqrt(v)
-    # Σ_i W_i / (√v + ε C_i): one fused reduction (no …×D×nodes temporary)
-    total = jnp.sum(weights[..., None, :] / (x[..., None] + h.eps * c_nodes[..., None, :]), axis=-1)
+    # Σ_i W_i / (√v + ε C_i), one node at a time: an elementwise chain XLA fuses into one loop over the entries,
+    # vectorised along D (a reduction over a trailing nodes axis ran scalar on CPU: 6x slower), no …×D×nodes
+    # temporary
+    total = weights[..., None, 0] / (x + eps_c[..., None, 0])
+    for i in range(1, h.nodes):
+        total = total + weights[..., None, i] / (x + eps_c[..., None, i])
     kf = k.astype(jnp.float32)[..., None]
     p = coef_a[..., None] * (p - m * total)
     return p, m * b1 ** kf, v * b2 ** kf

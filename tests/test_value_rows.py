@@ -1,19 +1,16 @@
 """Sparse value updates under every memory layout (8 fake CPU devices): each shard's row gradients and row updates
-against optax's AdamW on the dense table gradient of one device, and sharded training steps against one device."""
-import dataclasses
-
+against optax's AdamW on the dense table gradient of one device.  Sharded train steps against one device: the
+end-to-end tests of test_sparse_update.py (V1 hybrid, UltraMemV2 dimension_wise), which reuse their one-device
+runs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-from test_sparse_update import SHARED, shared_cfg
 
-from ultramem_jax import MemoryConfig, ModelConfig, lookup, row_adam, training, value_rows
+from ultramem_jax import MemoryConfig, ModelConfig, lookup, row_adam, value_rows
 from ultramem_jax.mesh import batch_sharding, logical_rules, make_mesh, memory_layout
 from ultramem_jax.optim import OptimConfig, value_lr_schedule, value_row_hyper
-from ultramem_jax.train_config import TrainConfig
 
 # (layout, mesh): rows over a tensor axis with data-parallel replicas; columns; rows over a token axis with columns
 # and replicas; rows over every token axis with a 4-way axis the layout does not use
@@ -101,75 +98,3 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng):
                                    err_msg=name)
         np.testing.assert_allclose(np.asarray(state.v[...]), np.asarray(s_dense[0].nu), rtol=1e-5, atol=1e-9,
                                    err_msg=name)
-
-
-def _train_cfg(layout_cfg, mesh_cfg):
-    return TrainConfig(steps=4, batch_size=8, seq_len=16, mesh=mesh_cfg, memory_layout=layout_cfg,
-                       optim=OptimConfig(warmup_frac=0.0, learning_rate=1e-2, eps=1e-5, value_update="sparse",
-                                         grad_clip=0.05),
-                       model=ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
-                                         memory=MemoryConfig(num_keys=8, key_dim=8, value_dim=16, topk=4,
-                                                             out_proj_std=None),
-                                         memory_placement="0:1"))
-
-
-def _run(cfg, tokens, seed):
-    cfg = dataclasses.replace(cfg, seed=seed)
-    n = int(np.prod(list(cfg.mesh.values())))
-    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
-    rules = logical_rules(cfg.logical_axis_rules, mesh)
-    layout, rules = memory_layout(cfg.memory_layout, mesh, rules, cfg.model, cfg.batch_size)
-    md, ms, od, os_ = training.build(cfg, mesh, rules, layout)
-    usage, bs = training.new_usage(cfg, mesh), batch_sharding(mesh, rules)
-    step = training.make_train_step(md, od, ms, os_, usage, bs)
-    metrics = []
-    for t in tokens:
-        ms, os_, usage, m = step(ms, os_, usage, jax.device_put(t, bs))
-        metrics.append(jax.device_get(m))
-    ms, os_ = training.make_flush(md, od, ms, os_)(ms, os_)
-    return metrics, ms, os_
-
-
-def _check_like(got, ms, os_, want, ms1, os1, layout_cfg, tables, name):
-    """One sharded run against the one-device run: losses, gradient norms, the flushed tables (laid out as
-    ``layout_cfg`` says) with their moments and step counts (``tables``: (name, getter) per value table)."""
-    for key in ("loss", "grad_norm", "grad_norm_values"):
-        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-4, err_msg=f"{name} {key}")
-    want_spec = P(tuple(layout_cfg.get("rows", ())) or None, tuple(layout_cfg.get("cols", ())) or None)
-    for i, (table, get) in enumerate(tables):
-        values = get(ms)
-        assert values.sharding.is_equivalent_to(NamedSharding(values.sharding.mesh, want_spec), 2), (name, table)
-        np.testing.assert_allclose(np.asarray(values), np.asarray(get(ms1)), rtol=1e-4, atol=1e-5,
-                                   err_msg=f"{name} {table}")
-        for key in ("m", "v"):
-            np.testing.assert_allclose(np.asarray(os_["value_rows"][i][key][...]),
-                                       np.asarray(os1["value_rows"][i][key][...]), rtol=1e-3, atol=1e-7,
-                                       err_msg=f"{name} {table} {key}")
-        assert (np.asarray(os_["value_rows"][i]["last"][...]) == 3).all()
-
-
-# one layout per kind at the train-step level (all four are checked row by row above): V1's layer tables over
-# rows, columns and replicas at once; UltraMemV2's two shared tables by columns; Memory+'s pool by rows
-TRAIN_LAYOUTS = {"v1": "hybrid", "v2": "dimension_wise", "memplus": "number_wise"}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", list(TRAIN_LAYOUTS))
-def test_sharded_sparse_train_steps_match_one_device(rng, kind):
-    """Three sparse train steps (the joint clip active) under a layout against a one-device run, for V1's layer
-    table and for the tables two layers share (UltraMemV2's pre-values and values, Memory+'s pool): losses,
-    gradient norms, and the flushed tables with their moments and step counts."""
-    tokens = rng.integers(0, 64, (3, 8, 17)).astype(np.int32)
-    seed = int(rng.integers(1 << 20))
-    if kind == "v1":
-        one = _train_cfg({}, {"data": 1, "fsdp": 1, "tensor": 1})
-        tables = [("values", lambda ms: ms["memories"][0]["values"][...])]
-    else:
-        one = dataclasses.replace(shared_cfg(kind, "sparse"), batch_size=8)
-        tables = [(t, lambda ms, t=t: ms["memory_table"][t][...]) for t in SHARED[kind]]
-    want, ms1, os1 = _run(one, tokens, seed)
-    assert want[-1]["grad_norm"] > 0.05
-    name = TRAIN_LAYOUTS[kind]
-    layout_cfg, mesh_cfg = CASES[name]
-    got, ms, os_ = _run(dataclasses.replace(one, mesh=mesh_cfg, memory_layout=layout_cfg), tokens, seed)
-    _check_like(got, ms, os_, want, ms1, os1, layout_cfg, tables, name)

@@ -207,12 +207,16 @@ def test_shared_table_rows_equal_dense_adamw(rng, kind, case):
             p_sparse, states = flush(p_sparse, states, jnp.int32(t + 1))
             adam = s_dense[1][0]
             for n in names:
-                np.testing.assert_allclose(np.asarray(p_sparse[n]), np.asarray(p_dense[n]), rtol=2e-5, atol=2e-6,
+                # atol 1e-4: such an entry also drifts the table (3.4e-5 at that seed, pre_values [7, 2]); one
+                # missed step or weight decay moves an entry by ~lr = 3e-2 … 0.12 here, far above it
+                np.testing.assert_allclose(np.asarray(p_sparse[n]), np.asarray(p_dense[n]), rtol=2e-5, atol=1e-4,
                                            err_msg=f"{n} after step {t}")
-                np.testing.assert_allclose(np.asarray(states[n].m[...]), np.asarray(adam.mu[n]), rtol=2e-5,
-                                           atol=1e-7, err_msg=n)
-                np.testing.assert_allclose(np.asarray(states[n].v[...]), np.asarray(adam.nu[n]), rtol=2e-5,
-                                           atol=1e-9, err_msg=n)
+                # moments: atol at 2e-5 of the table's largest. An entry whose gradient cancels to a small part
+                # of its row's carries the two paths' f32 rounding amplified (m 8e-5 relative apart at seed
+                # 3558270849, v2-paper; a float64 replay put dense f32 itself 1.3e-3 off there, sparse further)
+                for got_mom, want_mom in ((states[n].m[...], adam.mu[n]), (states[n].v[...], adam.nu[n])):
+                    np.testing.assert_allclose(np.asarray(got_mom), np.asarray(want_mom), rtol=2e-5,
+                                               atol=2e-5 * float(np.abs(want_mom).max()), err_msg=n)
     assert 0 < clipped < STEPS  # the clip both active and not
     for n in names:  # never-read rows moved by weight decay alone: the check covers them
         assert np.abs(np.asarray(p_dense[n]) - tables0[n])[40:].max() > 1e-3

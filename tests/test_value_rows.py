@@ -93,8 +93,8 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng):
         assert values.sharding.is_equivalent_to(NamedSharding(mesh, P(r["value_rows"], r["value_dim"])), 2), name
         # rtol 2e-5: f32 sums in another order on the shards, seen at 1.4e-5 (hybrid)
         np.testing.assert_allclose(np.asarray(values), np.asarray(p_dense), rtol=2e-5, atol=1e-6, err_msg=name)
-        # atol 1e-6: seen 3.6e-7 apart on an entry of -5.7e-3 (dimension_wise)
-        np.testing.assert_allclose(np.asarray(state.m[...]), np.asarray(s_dense[0].mu), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
-        np.testing.assert_allclose(np.asarray(state.v[...]), np.asarray(s_dense[0].nu), rtol=1e-5, atol=1e-9,
-                                   err_msg=name)
+        # moments: atol at 1e-5 of the largest, for entries whose gradient cancels (f32 sums in another order on
+        # the shards: m 3.6e-7 apart on an entry of -5.7e-3, v 3.4e-5 relative at seed 1608272326, dimension_wise)
+        for got_mom, want_mom in ((state.m[...], s_dense[0].mu), (state.v[...], s_dense[0].nu)):
+            np.testing.assert_allclose(np.asarray(got_mom), np.asarray(want_mom), rtol=1e-5,
+                                       atol=1e-5 * float(np.abs(want_mom).max()), err_msg=name)

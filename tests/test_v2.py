@@ -105,9 +105,9 @@ def test_layer_equals_dense_oracle_forward_and_backward(rng, case):
         out = _dense_oracle(params, x.reshape(-1, d_model), cfg, perm, window)
         return jnp.sum(out * cot.reshape(-1, d_model)), out
 
-    # jitted: eager mode compiles each op on its own, most of this test's time
     params = {k: getattr(layer, k)[...] for k in NAMES}
     params.update(values=table.values[...], pre_values=table.pre_values[...])
+    # jitted: eager mode compiles each op on its own, most of this test's time
     (_, (out, info)), (g_layer, g_table) = nnx.jit(nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True))(
         layer, table)
     (_, want), g_want = jax.jit(jax.value_and_grad(oracle_loss, has_aux=True))(params)

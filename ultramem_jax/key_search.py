@@ -124,7 +124,7 @@ def select_lanes(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, presel
     """
     T, H = q_row.shape[:2]
     N = k_row.shape[1]
-    lanes = lanes or LANE_CHUNK
+    lanes = lanes or min(LANE_CHUNK, -(-T // 8) * 8)  # a decode step's few tokens: one small chunk, not 1024
     chunks = -(-T // lanes)
     P = preselect
     c_sum_HxRxR = None if additive else cores_CxHxRxR.astype(jnp.float32).sum(axis=0)

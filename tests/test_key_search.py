@@ -63,9 +63,12 @@ def test_search_equals_the_full_score_op(rng, case):
     got, (scores, slots) = scores_and_grads(key_search.search)
     want, (want_scores, want_slots) = scores_and_grads(_full_scores_op)
     assert scores.shape == want_scores.shape and slots.dtype == jnp.int32
-    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
     clear = _clear(want_scores.sum(-1), 1e-4)
+    np.testing.assert_allclose(np.asarray(scores)[clear], np.asarray(want_scores)[clear], rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(slots)[clear], np.asarray(want_slots)[clear])
+    # near-ties may trade places (seed 905920263 swapped winners 6 and 7): the selection scores, sorted, still agree
+    np.testing.assert_allclose(np.sort(np.asarray(scores).sum(-1)), np.sort(np.asarray(want_scores).sum(-1)),
+                               rtol=1e-5, atol=1e-4)
 
     if not np.array_equal(slots, want_slots):  # a swapped near-tie moves a gradient between two keys
         pytest.skip("near-tie changed a winner; gradients not comparable")

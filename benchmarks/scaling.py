@@ -8,7 +8,7 @@
                                            # (optim.value_update; writes scaling-sparse.md; the value update
                                            # alone: benchmarks/value_update.py)
 
-The memory size is set by ``num_keys`` n (n² physical rows, each of D_v = 64 floats, in each of tiny-x12's two
+The memory size is set by ``num_keys`` n (n² physical rows, each of D_v = 64 floats, in each of tiny-x12's four
 memory layers); the backbone, m = 16 winners per head and the batch stay fixed.  Per size it times (median
 after a warm-up):
   * the full train step (forward, backward, AdamW update: train.py's jitted step);
@@ -127,7 +127,7 @@ def main(argv=None):
         suffix += f"-{args.value_update}"
     notes = [f"Device: {common.device_line()}. Mode: {'full' if args.full else 'quick'} "
              f"(`python benchmarks/scaling.py{flag}`), optim.value_update: {args.value_update} (the fwd+bwd column "
-             f"is always the dense-gradient one). Model {PRESET} (2 memory layers, "
+             f"is always the dense-gradient one). Model {PRESET} ({load_config([f"model_name={PRESET}"]).model.num_memory_layers} memory layers, "
              f"D_v = 64, m = 16 per head, 2 heads), batch {batch} × {seq} tokens per train step; decode = "
              f"{DECODE_BATCH} × 1 tokens. Median of {repeats} timed calls after a warm-up.", "",
              f"Headline: from 2^{int(np.log2(first['rows']))} to 2^{int(np.log2(last['rows']))} rows "

@@ -219,6 +219,16 @@ def plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, logx=Fal
 
 
 # ---- timing jitted model calls (benchmarks a and b) ---------------------------------------------------------
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_argument(parser):
+    """``--clock wall|cpu``; ``CLOCKS[args.clock]`` is then the timer."""
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (all threads): steadier on a machine that other "
+                             "jobs load, but it counts XLA's parallel threads twice")
+
+
 def timed_ms(fn, *args, repeats: int = 10, best: bool = False) -> float:
     """Wall time in ms of ``repeats`` calls after one warm-up call (compilation): the median, or the best."""
     import jax

@@ -142,9 +142,7 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny-x12", help="model preset whose memory shapes to use")
     p.add_argument("--tokens", type=int, default=0, help="tokens per call; default the preset's batch × seq")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per stage (median)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or this process's CPU time (all threads): steadier on a machine that other "
-                        "jobs load, but it counts XLA's parallel threads twice")
+    common.add_clock_argument(p)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.tokens < 0:
         common.fail("--repeats must be >= 1 and --tokens >= 0")
@@ -164,7 +162,7 @@ def main(argv=None):
     print(f"same winners: {same:.4%} of slots; max |score difference| {diff:.2e}")
     rows = stages(x, P, M)
     fns = [f for pair in rows.values() for f in pair if f is not None]
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = common.CLOCKS[args.clock]
     ms = iter(time_interleaved(fns, args.repeats, clock))
     print(f"{'stage':<70} {'old ms':>8} {'new ms':>8} {'old/new':>8}")
     for name, (old, new) in rows.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -71,9 +70,7 @@ def main(argv=None):
     p.add_argument("--old-search", action="store_true", help="also time each memory preset with the old search")
     p.add_argument("--value-update", choices=("sparse", "lazy"), default=None,
                    help="also time each memory preset with this optim.value_update (row-sparse value tables)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or this process's CPU time (all threads): steadier on a machine that other "
-                        "jobs load, but it counts XLA's parallel threads twice")
+    common.add_clock_argument(p)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         common.fail("--repeats must be >= 1 and --warmup >= 0")
@@ -100,7 +97,7 @@ def main(argv=None):
     for run in runners.values():
         for _ in range(1 + args.warmup):
             run()
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = common.CLOCKS[args.clock]
     times = {key: [] for key in runners}
     for _ in range(args.repeats):
         for key, run in runners.items():

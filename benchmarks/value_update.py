@@ -38,7 +38,6 @@ from ultramem_jax.optim import OptimConfig, make_optimizer, value_row_hyper  # n
 D_V, READS, STEP, TOTAL = 64, 16 * 128 * 2 * 16, 1000, 10_000
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def median_ms(fn, state, inputs, repeats, clock=time.perf_counter):
@@ -102,8 +101,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per point (median)")
     p.add_argument("--min-log2-rows", type=int, default=14)
     p.add_argument("--max-log2-rows", type=int, default=22)
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time; cpu: the process's CPU time over all threads")
+    common.add_clock_argument(p)
     args = p.parse_args(argv)
     if not 10 <= args.min_log2_rows <= args.max_log2_rows <= 26:
         common.fail("need 10 <= --min-log2-rows <= --max-log2-rows <= 26")
@@ -115,7 +113,7 @@ def main(argv=None):
     rows = {}
     for k in range(args.min_log2_rows, args.max_log2_rows + 1, 2 if args.max_log2_rows - args.min_log2_rows > 4
                    else 1):
-        rows[k] = measure(k, args.repeats, rng, CLOCKS[args.clock])
+        rows[k] = measure(k, args.repeats, rng, common.CLOCKS[args.clock])
         r = rows[k]
         print(f"2^{k} rows: dense {r['dense']:.2f} ms | sparse {r['sparse']:.2f} ms | lazy {r['lazy']:.2f} ms | "
               f"flush {r['flush']:.2f} ms | dense/sparse {r['dense'] / r['sparse']:.1f}x", flush=True)

@@ -21,6 +21,8 @@ rank scores (up to float rounding at near-ties) but never forms a T×H×R×N arr
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -93,12 +95,13 @@ def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
         u_HxR = t_HxR = jnp.ones(k_row.shape[::3], jnp.float32)
     else:
         cores_CxHxRxR = jax.lax.stop_gradient(cores_CxHxRxR)
-    args = (q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive)
+    arrays = (q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR)
+    static = dict(preselect=preselect, topk=topk, additive=additive)
     T, H, N = q_row.shape[0], q_row.shape[1], k_row.shape[1]
     if T * H * N < topk_lib.NETWORK_MIN_SCORES:  # too small to repay the networks' compile (topk.py)
-        return select_rows(*args)
-    return jax.lax.platform_dependent(*args[:7], cpu=lambda *a: select_lanes(*a, *args[7:]),
-                                      default=lambda *a: select_rows(*a, *args[7:]))
+        return select_rows(*arrays, **static)
+    return jax.lax.platform_dependent(*arrays, cpu=functools.partial(select_lanes, **static),
+                                      default=functools.partial(select_rows, **static))
 
 
 def select_rows(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive):

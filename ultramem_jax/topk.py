@@ -22,7 +22,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 
 from ultramem_jax.gather import take_along

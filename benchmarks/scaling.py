@@ -125,9 +125,10 @@ def main(argv=None):
     if args.value_update != "dense":
         flag += f" --value-update {args.value_update}"
         suffix += f"-{args.value_update}"
+    layers = load_config([f"model_name={PRESET}"]).model.num_memory_layers
     notes = [f"Device: {common.device_line()}. Mode: {'full' if args.full else 'quick'} "
              f"(`python benchmarks/scaling.py{flag}`), optim.value_update: {args.value_update} (the fwd+bwd column "
-             f"is always the dense-gradient one). Model {PRESET} ({load_config([f"model_name={PRESET}"]).model.num_memory_layers} memory layers, "
+             f"is always the dense-gradient one). Model {PRESET} ({layers} memory layers, "
              f"D_v = 64, m = 16 per head, 2 heads), batch {batch} × {seq} tokens per train step; decode = "
              f"{DECODE_BATCH} × 1 tokens. Median of {repeats} timed calls after a warm-up.", "",
              f"Headline: from 2^{int(np.log2(first['rows']))} to 2^{int(np.log2(last['rows']))} rows "

@@ -38,8 +38,6 @@ from ultramem_jax.optim import OptimConfig, make_optimizer, value_row_hyper  # n
 D_V, READS, STEP, TOTAL = 64, 16 * 128 * 2 * 16, 1000, 10_000
 
 
-
-
 def median_ms(fn, state, inputs, repeats, clock=time.perf_counter):
     """``fn(*state, *inputs)`` donates and returns its state: thread it through; the first call compiles.  The
     ids and gradients go in as arguments (as constants XLA would fold the dense gradient away)."""

@@ -131,8 +131,12 @@ class Hyper:
     def read(self, p, m, v, last, step):
         """Gathered rows ``p`` as dense AdamW holds them before step ``step``: their skipped steps since ``last``
         caught up (``_catch_up``'s parameter part).  The sparse train step's lookups read the rows through this
-        (``lookup.RowSource``), so the forward pass sees dense AdamW's parameters."""
-        return _catch_up(self, p, m, v, last, step)[0]
+        (``lookup.RowSource``), so the forward pass sees dense AdamW's parameters.
+
+        The caught-up rows are materialised (an optimization barrier): left to itself XLA's CPU backend fused
+        the catch-up into the lookup's transposing reshape and split its node sum into a fusion per node, which
+        made tiny-x12's sparse train step 803 ms against 502 ms with the barrier (benchmarks/step_time.py)."""
+        return jax.lax.optimization_barrier(_catch_up(self, p, m, v, last, step)[0])
 
 
 def sum_duplicates(ids_TxK: jax.Array, grads_TxKxD: jax.Array, num_rows: int):

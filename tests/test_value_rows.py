@@ -41,24 +41,25 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng):
         batches.append((ids, rng.standard_normal((T, K, C)).astype(np.float32)))
 
     def loss(values, tap, ids, scores, layout, source=None):
+        """The loss, and the sum of its terms' magnitudes (the scale of its rounding: the terms cancel)."""
         out = lookup.memory_lookup(layout, values, out_proj, ids, scores, N, E, tap_TxKxD=tap, source=source)
-        return jnp.sum(out * weights)
+        return jnp.sum(out * weights), jnp.sum(jnp.abs(out * weights))
 
     dense = optax.adamw(value_lr_schedule(ocfg, 4), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
                         weight_decay=ocfg.weight_decay)
 
     @jax.jit
     def dense_step(p, s, ids, scores):
-        value, g = jax.value_and_grad(loss)(p, None, ids, scores, None)
+        (value, scale), g = jax.value_and_grad(loss, has_aux=True)(p, None, ids, scores, None)
         upd, s = dense.update(g, s, p)
-        return optax.apply_updates(p, upd), s, value, jnp.sum(g ** 2)
+        return optax.apply_updates(p, upd), s, (value, scale), jnp.sum(g ** 2)
 
     p_dense = jnp.asarray(table0)
     s_dense = dense.init(p_dense)
     want = []
     for ids, scores in batches:
         p_dense, s_dense, value, sq = dense_step(p_dense, s_dense, jnp.asarray(ids), jnp.asarray(scores))
-        want.append((float(value), float(sq)))
+        want.append((tuple(map(float, value)), float(sq)))
     assert np.abs(np.asarray(p_dense) - table0)[N - 4:].max() > 0  # never-read rows decayed: covered
 
     flush = jax.jit(lambda values, state, step: (row_adam.flush(hyper, values, state, step), state))
@@ -74,20 +75,23 @@ def test_sharded_rows_equal_dense_adamw_on_one_device(rng):
         def sparse_step(values, state, ids, scores, step, layout=layout):
             tap = lookup.new_tap(layout, T, K, D, jnp.float32)
             source = lookup.RowSource(state.m[...], state.v[...], state.last[...], step, hyper.read)
-            value, g = jax.value_and_grad(loss, argnums=1)(values, tap, ids, scores, layout, source)
+            (value, _), g = jax.value_and_grad(loss, argnums=1, has_aux=True)(values, tap, ids, scores, layout, source)
             ids_U, grads, sq = value_rows.row_grads(layout, ids % N, g, N)
             return value_rows.update(layout, hyper, values, state, ids_U, grads, step), state, sq, value
 
         values = jax.device_put(table0, NamedSharding(mesh, P(r["value_rows"], r["value_dim"])))
         state = row_adam.RowAdamState(values)
         assert state.last[...].sharding.spec == P(r["value_rows"]), name
-        for step, ((ids, scores), (want_loss, want_sq)) in enumerate(zip(batches, want)):
+        for step, ((ids, scores), ((want_loss, scale), want_sq)) in enumerate(zip(batches, want)):
             with jax.set_mesh(mesh):
                 values, state, sq, got = sparse_step(values, state,
                                                      jax.device_put(ids, NamedSharding(mesh, P(tok, None))),
                                                      jax.device_put(scores, NamedSharding(mesh, P(tok, None, None))),
                                                      jnp.int32(step))
-            np.testing.assert_allclose(float(got), want_loss, rtol=1e-5, err_msg=f"{name}: loss at step {step}")
+            # atol at 1e-5 of the terms' magnitudes: the loss is a sum that cancels (seed 270979081: 3.107288
+            # against 3.107331, 1.4e-5 relative, where the terms sum to ``scale`` in magnitude)
+            np.testing.assert_allclose(float(got), want_loss, rtol=1e-5, atol=1e-5 * scale,
+                                       err_msg=f"{name}: loss at step {step}")
             np.testing.assert_allclose(float(sq), want_sq, rtol=1e-5, err_msg=name)
         values, state = flush(values, state, jnp.int32(len(pools)))
         assert values.sharding.is_equivalent_to(NamedSharding(mesh, P(r["value_rows"], r["value_dim"])), 2), name

@@ -124,7 +124,7 @@ class Hyper:
         self.full_weights = (moments @ to_weights).astype(np.float32)
         # and its nodes ε·C_i, one row per ``last`` up to where they stop changing in float32 (ĉ2 → 1): a row's
         # nodes are then one gather, not ``nodes`` exponentials
-        eps_c = (eps * _node_c(np, b2, last, H, self.cheb_x)).astype(np.float32)
+        eps_c = (eps * _node_c(np, lo, hi, self.cheb_x)).astype(np.float32)
         same = np.all(eps_c == eps_c[-1], axis=1)  # a run of rows equal to the last one ends the table
         self.full_eps_c = eps_c[:1] if same.all() else eps_c[:len(same) - np.argmin(same[::-1]) + 1]
 
@@ -162,10 +162,9 @@ def _unit(xp, t, lo, hi):
     return xp.clip((2 * t - lo - hi) / xp.where(width > 0, width, 1.0), -1.0, 1.0)
 
 
-def _node_c(xp, b2, last, K, cheb_x):
-    """The Chebyshev nodes C_i = c at the points ``cheb_x`` of the range [log c_1, log c_K] of a row last
-    updated at ``last`` and absent K ≥ 1 steps (…× nodes)."""
-    lo, hi = _log_c(xp, b2, last, 1), _log_c(xp, b2, last + K - 1, K)
+def _node_c(xp, lo, hi, cheb_x):
+    """The Chebyshev nodes C_i = c at the points ``cheb_x`` of a row's range [lo, hi] = [log c_1, log c_K]
+    (…× nodes)."""
     return xp.exp(0.5 * (lo + hi)[..., None] + 0.5 * (hi - lo)[..., None] * cheb_x)
 
 
@@ -202,16 +201,18 @@ def _catch_up(h: Hyper, p, m, v, last, step):
     j_HxH = jnp.clip(last_H + d_H[None, :] - 1, 0, terms.shape[0] - 1)
     w_HxH = jnp.where(d_H[None, :] <= k_H, powers_H[None, :] * terms[j_HxH]
                       * jnp.exp(decay_at(last_H) - decay_at(last_H + d_H[None, :])), 0.0)
-    s_HxH = _unit(jnp, log_c(j_HxH, d_H[None, :]), log_c(last_H, 1), log_c(last_H + k_H - 1, jnp.maximum(k_H, 1)))
+    # each k's range [log c_1, log c_K], K = min(k, H), at least 1 (a row with k = 0 has zero weights)
+    K_H = jnp.maximum(k_H, 1)
+    lo_H, hi_H = log_c(last_H, 1), log_c(last_H + K_H - 1, K_H)
+    s_HxH = _unit(jnp, log_c(j_HxH, d_H[None, :]), lo_H, hi_H)
     moments, t_prev, t_now = [], jnp.ones_like(s_HxH), s_HxH
     for i in range(n):  # Σ_d w_d T_i(s_d), one H × H term at a time (no H × H × nodes temporary)
         if i >= 2:
             t_prev, t_now = t_now, 2 * s_HxH * t_now - t_prev
         moments.append(jnp.sum(w_HxH * (t_prev if i == 0 else t_now), axis=1))
     recent_Hxn = jnp.stack(moments, axis=1) @ jnp.asarray(h.to_weights, jnp.float32)
-    # the nodes of the same H ranges (K = min(k, H), at least 1: a row with k = 0 has zero weights)
-    recent_c_Hxn = h.eps * _node_c(jnp, h.b2, last_H[:, 0].astype(jnp.float32),
-                                   jnp.maximum(k_H[:, 0], 1).astype(jnp.float32), jnp.asarray(h.cheb_x, jnp.float32))
+    # the nodes of the same H ranges
+    recent_c_Hxn = h.eps * _node_c(jnp, lo_H[:, 0], hi_H[:, 0], jnp.asarray(h.cheb_x, jnp.float32))
     # per row: the weights and nodes of its k (k < H) or of its ``last`` (k ≥ H), gathered
     full, full_c = jnp.asarray(h.full_weights), jnp.asarray(h.full_eps_c)
     recent = jnp.clip(k, 0, H - 1)

@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                 # tiny-x12 vs tiny-dense-wide, the presets' 16 × 128 tokens
     python benchmarks/step_time.py --repeats 20 --pairs tiny-x12:tiny-dense-wide tiny:tiny-dense
     python benchmarks/step_time.py --value-update sparse   # also the memory model with row-sparse value updates
+    python benchmarks/step_time.py --xla-kernels           # also the memory model on XLA's ops, not the C++ kernels
 
 Each model's jitted train step (train.py's: forward, backward, AdamW, the TDQKR refresh) is compiled and warmed
 up, then the steps are called round-robin, so that load from other processes hits every model alike; a figure
@@ -68,6 +69,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed steps per model (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model after compiling")
     p.add_argument("--old-search", action="store_true", help="also time each memory preset with the old search")
+    p.add_argument("--xla-kernels", action="store_true",
+                   help="also time each memory preset with memory.kernels=xla (on CPU, auto takes the C++ kernels)")
     p.add_argument("--value-update", choices=("sparse", "lazy"), default=None,
                    help="also time each memory preset with this optim.value_update (row-sparse value tables)")
     common.add_clock_argument(p)
@@ -87,9 +90,11 @@ def main(argv=None):
             runners[(dense, "")] = Runner(dense, [], rng)
             if args.value_update:
                 runners[(memory, args.value_update)] = Runner(memory, [f"optim.value_update={args.value_update}"], rng)
+            if args.xla_kernels:
+                runners[(memory, "xla")] = Runner(memory, ["model.memory.kernels=xla"], rng)
             if args.old_search:
-                with mock.patch.object(key_search, "search", old_search):
-                    runner = Runner(memory, [], rng)
+                with mock.patch.object(key_search, "search", old_search):  # XLA's ops: the C++ search has no old
+                    runner = Runner(memory, ["model.memory.kernels=xla"], rng)
                     runner()  # compile while the old op is in place; the jitted step keeps it
                 runners[(memory, "old")] = runner
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -107,13 +112,15 @@ def main(argv=None):
     ms = {key: 1e3 * float(np.median(ts)) for key, ts in times.items()}
     print(f"{common.device_line()} | median {args.clock} time of {args.repeats} train steps, models interleaved")
     for (name, search), run in runners.items():
-        tag = {"new": " [search now]", "old": " [search before issue 13]", "": "",
+        tag = {"new": " [search now]", "old": " [XLA kernels, search before issue 13]", "": "", "xla": " [XLA kernels]",
                args.value_update: f" [search now, value_update {args.value_update}]"}[search]
         print(f"  {run.label}{tag}: {ms[(name, search)]:.1f} ms")
     for memory, dense in pairs:
         line = f"{memory} / {dense}: {ms[(memory, 'new')] / ms[(dense, '')]:.2f}×"
         if args.value_update:
             line += f"; with value_update {args.value_update} {ms[(memory, args.value_update)] / ms[(dense, '')]:.2f}×"
+        if args.xla_kernels:
+            line += f"; with XLA kernels {ms[(memory, 'xla')] / ms[(dense, '')]:.2f}×"
         if args.old_search:
             line += f" (with the old search {ms[(memory, 'old')] / ms[(dense, '')]:.2f}×)"
         print(line)

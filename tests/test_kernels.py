@@ -306,7 +306,7 @@ def test_pre_value_gather_inside_number_wise_shard_map_matches_one_device(rng, l
 def test_resolve_picks_by_platform():
     assert kernels.resolve("xla", "tpu") == "xla"
     assert kernels.resolve("auto", "tpu") == "tpu"
-    assert kernels.resolve("auto", "cpu") == "xla"
+    assert kernels.resolve("auto", "cpu") == ("native" if kernels.native_unavailable_reason() is None else "xla")
     assert kernels.resolve("pallas", "cpu") == "interpret"
     assert kernels.resolve("auto", "gpu") == ("gpu_pool" if kernels.triton_available() else "xla")
     with pytest.raises(ValueError, match="memory.kernels"):

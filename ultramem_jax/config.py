@@ -65,7 +65,8 @@ class MemoryConfig:
     aux_reduction: Literal["paper", "code"] = "paper"  # sum over heads | mean over heads
     balance_loss: float = 0.0  # β of the row/column pre-selection balance loss (UltraMemV2 Eq. 19: 1e-3); 0: off
     seed: int = 0  # seeds the IVE permutation (a buffer, not a parameter)
-    kernels: Literal["xla", "pallas", "auto"] = "auto"  # search + gather: XLA ops or Pallas kernels (kernels.py)
+    kernels: Literal["xla", "pallas", "native", "auto"] = "auto"  # search + gather: XLA ops, Pallas or C++ CPU
+    # kernels (kernels.py)
     # ---- V2 only (kind: ultramemv2) ----
     pre_value_dim: int | None = None  # D_p of the pre-value rows P; None: value_dim
     query_per_rank: bool = True  # one query per side and Tucker rank (the paper); False: one per side (V1's)
@@ -150,8 +151,8 @@ class MemoryConfig:
             _fail(f("balance_loss"), f"must be >= 0, got {c.balance_loss}")
         if c.aux_alpha < 0:
             _fail(f("aux_alpha"), f"must be >= 0, got {c.aux_alpha}")
-        if c.kernels not in ("xla", "pallas", "auto"):
-            _fail(f("kernels"), f"must be one of ['xla', 'pallas', 'auto'], got {c.kernels!r}")
+        if c.kernels not in ("xla", "pallas", "native", "auto"):
+            _fail(f("kernels"), f"must be one of ['xla', 'pallas', 'native', 'auto'], got {c.kernels!r}")
         if c.preselect is not None and c.preselect < 1:
             _fail(f("preselect"), f"must be a positive integer, got {c.preselect}")
 

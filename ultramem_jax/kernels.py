@@ -1,18 +1,22 @@
-"""Which implementation runs the memory layers' hot ops: the XLA reference or a Pallas kernel.
+"""Which implementation runs the memory layers' hot ops: the XLA reference, a Pallas kernel or a C++ CPU kernel.
 
 ``memory.kernels`` in the config:
   xla     the reference ops (``key_search.search``, ``ive.gather_pool``, ``xla_pre_value_gather``) everywhere;
   pallas  the Pallas kernels: Mosaic on TPU, Triton on GPU, and the TPU kernels in interpret mode on CPU
           (slow; for testing the kernel path end to end);
+  native  the C++ CPU kernels (cpu_kernels/: the gather-pool and the winners' rescoring, forward and backward;
+          the selection and UltraMemV2's pre-value gather stay XLA's), compiled on first use; CPU only;
   auto    the kernels on TPU; on GPU the gather-pool kernel with the XLA search (on an H100 the search kernel
           ran 1.1–1.6× slower than XLA's top_k while the gather-pool kernel took 0.4–0.8× XLA's time,
-          docs/kernels.md);
-          XLA on CPU (where interpret mode would only be slower).
+          docs/kernels.md); on CPU the native kernels where they build (a C++ compiler is on PATH), else XLA
+          with one warning.
 
 On GPU the kernels use Pallas' Triton backend, deprecated since jax 0.11: where a jax release no longer has
 it, ``auto`` falls back to XLA and ``pallas`` fails with that reason.
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +24,9 @@ import jax.numpy as jnp
 from ultramem_jax import ive, key_search
 from ultramem_jax.gather import take_rows
 
-IMPLS = ("xla", "tpu", "gpu", "gpu_pool", "interpret")  # gpu_pool: only the gather-pool kernel
+CHOICES = ("xla", "pallas", "native", "auto")
+IMPLS = ("xla", "tpu", "gpu", "gpu_pool", "interpret", "native")  # gpu_pool: only the gather-pool kernel
+log = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
@@ -31,12 +37,34 @@ def triton_available() -> bool:
     return True
 
 
+def native_unavailable_reason() -> str | None:
+    """None when the C++ CPU kernels are built and registered (building them on first call), else why not."""
+    from cpu_kernels import build
+    return build.unavailable_reason()
+
+
+_warned_native = False
+
+
 def resolve(choice: str, platform: str | None = None) -> str:
     """``kernels`` config value → one of IMPLS for ``platform`` (default: jax's default backend)."""
-    if choice not in ("xla", "pallas", "auto"):
-        raise ValueError(f"memory.kernels: must be one of ['xla', 'pallas', 'auto'], got {choice!r}")
+    global _warned_native
+    if choice not in CHOICES:
+        raise ValueError(f"memory.kernels: must be one of {list(CHOICES)}, got {choice!r}")
     platform = platform or jax.default_backend()
     if choice == "xla":
+        return "xla"
+    if choice == "native" or (choice == "auto" and platform == "cpu"):
+        if platform != "cpu":
+            raise ValueError(f"memory.kernels: native kernels run on CPU only, not on {platform}; use auto")
+        reason = native_unavailable_reason()
+        if reason is None:
+            return "native"
+        if choice == "native":
+            raise ValueError(f"memory.kernels: the native CPU kernels are unavailable: {reason}")
+        if not _warned_native:
+            log.warning("memory.kernels auto: the native CPU kernels are unavailable (%s); using XLA", reason)
+            _warned_native = True
         return "xla"
     if platform == "tpu":
         return "tpu"
@@ -58,9 +86,12 @@ def gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks: int,
                 gathered_TxKxD=None):
     """``ive.gather_pool`` by ``impl``.  The TPU kernel DMAs 32-bit rows; other tables take the XLA path, and so
     do rows the caller already read (sparse value updates' tapped read: the kernels' backward builds the dense
-    table gradient)."""
-    if impl == "xla" or gathered_TxKxD is not None or (impl in ("tpu", "interpret") and
-                                                        values_NxD.dtype.itemsize != 4):
+    table gradient).  The native kernel takes float32 tables and scores only."""
+    if impl == "native" and gathered_TxKxD is None and values_NxD.dtype == scores_TxKxC.dtype == jnp.float32:
+        from cpu_kernels import gather_pool as native
+        return native.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks)
+    if impl in ("xla", "native") or gathered_TxKxD is not None or (impl in ("tpu", "interpret") and
+                                                                    values_NxD.dtype.itemsize != 4):
         return ive.gather_pool(values_NxD, rows_TxK, blocks_TxK, scores_TxKxC, num_blocks, gathered_TxKxD)
     from pallas_kernels import gather_pool as kernel
     backend, interpret = _backend(impl)
@@ -89,7 +120,7 @@ def pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC
     """``xla_pre_value_gather`` by ``impl``.  As for ``gather_pool``, the TPU kernel DMAs 32-bit rows only.
     ``gpu_pool`` (``auto`` on GPU) keeps XLA: the GPU kernel has not been timed on a GPU yet."""
     small = impl in ("tpu", "interpret") and min(pre_values_NxP.dtype.itemsize, values_NxD.dtype.itemsize) != 4
-    if impl in ("xla", "gpu_pool") or small:
+    if impl in ("xla", "gpu_pool", "native") or small:
         return xla_pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC)
     from pallas_kernels import pre_value_gather as kernel
     backend, interpret = _backend(impl)
@@ -99,8 +130,12 @@ def pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC
 def search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect: int, topk: int, additive: bool,
            impl: str = "xla"):
     """``key_search.search`` by ``impl``.  Per-rank queries (UltraMemV2, T×H×R×D) take the XLA path: the
-    search kernel scores one query per side."""
-    if impl in ("xla", "gpu_pool") or query_row.ndim == 4:
+    search kernel scores one query per side.  The native kernel: TDQKR on float32 queries and keys only."""
+    if impl == "native" and not additive and query_row.ndim == 3 and all(
+            x.dtype == jnp.float32 for x in (query_row, query_col, keys_row, keys_col, cores)):
+        from cpu_kernels import key_search as native
+        return native.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk)
+    if impl in ("xla", "gpu_pool", "native") or query_row.ndim == 4:
         return key_search.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive)
     from pallas_kernels import key_search as kernel
     backend, interpret = _backend(impl)

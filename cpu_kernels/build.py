@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("gather_pool.cc", "rescore.cc")
+SOURCES = ("gather_pool.cc", "rescore.cc", "select.cc")
 HEADERS = ("parallel.h",)
 # -march=native: the library's cache key holds the CPU's feature flags, so hosts sharing a cache directory
 # build their own. Reassociation lets the compiler vectorise the dot products (sums in another order than
@@ -34,6 +34,7 @@ TARGETS = {  # FFI target name → exported handler symbol
     "ultramem_gather_pool_bwd": "UltramemGatherPoolBackward",
     "ultramem_rescore_fwd": "UltramemRescoreForward",
     "ultramem_rescore_bwd": "UltramemRescoreBackward",
+    "ultramem_select": "UltramemSelect",
 }
 
 

@@ -1,28 +1,54 @@
-"""The key search with the winners' scores from a native CPU kernel (rescore.cc), with
-``ultramem_jax.key_search.search``'s signature.
+"""The key search as native CPU kernels (select.cc, rescore.cc), with ``ultramem_jax.key_search.search``'s
+signature.
 
-The selection is XLA's (``key_search.select``: no gradient); ``rescore`` — the scores of the M winners and,
-backward, the gradients of the queries, keys and Tucker cores — is the C++ kernel. TDQKR with one float32 query
-per side only; the caller (kernels.py) takes the XLA op for PKM scoring and UltraMemV2's per-rank queries.
+``select`` picks the winners (no gradient); ``rescore`` computes their scores and, backward, the gradients of the
+queries, keys and Tucker cores. One query per side in float32 (the caller, kernels.py, takes the XLA op for
+UltraMemV2's per-rank queries); PKM's additive scoring selects here and rescores with the XLA op.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpu_kernels import build
 from ultramem_jax import key_search
 
+KEY_LANES = 16  # select.cc's kLanes: the keys it scores per block
 
 def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
            preselect: int, topk: int, additive: bool = False):
     """Returns ``(scores_TxHxMxC, slots_TxHxM)``, best first; slot = row·N + col."""
-    if additive:
-        raise ValueError("cpu_kernels.key_search: TDQKR scoring only (additive is XLA's)")
-    slots_TxHxM = key_search.select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
-                                    cores_CxHxRxR, u_HxR, t_HxR, preselect, topk)
-    return rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
-                   slots_TxHxM), slots_TxHxM
+    slots_TxHxM = select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
+                         u_HxR, t_HxR, preselect, topk, additive)
+    score = key_search.rescore if additive else rescore
+    return score(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
+                 slots_TxHxM, *([True] if additive else [])), slots_TxHxM
+
+
+def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
+           preselect: int, topk: int, additive: bool = False):
+    """``key_search.select``: the winners' slot ids T×H×M, best first (ties to the lower id); no gradient."""
+    build.load()
+    q_row, q_col, k_row, k_col = jax.lax.stop_gradient(
+        (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR))
+    H, R = k_row.shape[0], k_row.shape[-1]
+    if additive:  # rank 1: the pre-selection score is the key score itself, as in product_key_topk
+        u = t = jnp.ones((H, 1), jnp.float32)
+        core_sum_HxRxR = jnp.zeros((H, 1, 1), jnp.float32)
+    else:
+        u, t = (jax.lax.stop_gradient(x).astype(jnp.float32) for x in (u_HxR, t_HxR))
+        core_sum_HxRxR = jax.lax.stop_gradient(cores_CxHxRxR).astype(jnp.float32).sum(axis=0)
+    N = k_row.shape[1]
+    pad = -N % KEY_LANES
+
+    def keys_last(k):  # H×R×D×N_pad: keys contiguous, in whole blocks of the kernel's accumulators
+        return jnp.pad(jnp.transpose(k, (0, 3, 2, 1)).astype(jnp.float32), [(0, 0)] * 3 + [(0, pad)])
+    T = q_row.shape[0]
+    out = jax.ShapeDtypeStruct((T, H, topk), jnp.int32)
+    return jax.ffi.ffi_call("ultramem_select", out, vmap_method="sequential")(
+        q_row, q_col, keys_last(k_row), keys_last(k_col), core_sum_HxRxR, u, t, num_keys=np.int64(N),
+        preselect=np.int64(preselect), topk=np.int64(topk), additive=bool(additive))
 
 
 def rescore(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, slots_TxHxM):

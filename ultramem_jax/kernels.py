@@ -4,8 +4,9 @@
   xla     the reference ops (``key_search.search``, ``ive.gather_pool``, ``xla_pre_value_gather``) everywhere;
   pallas  the Pallas kernels: Mosaic on TPU, Triton on GPU, and the TPU kernels in interpret mode on CPU
           (slow; for testing the kernel path end to end);
-  native  the C++ CPU kernels (cpu_kernels/: the gather-pool and the winners' rescoring, forward and backward;
-          the selection and UltraMemV2's pre-value gather stay XLA's), compiled on first use; CPU only;
+  native  the C++ CPU kernels (cpu_kernels/: the search's selection, the winners' rescoring and the gather-pool,
+          forward and backward; UltraMemV2's per-rank search and pre-value gather stay XLA's), compiled on first
+          use; CPU only;
   auto    the kernels on TPU; on GPU the gather-pool kernel with the XLA search (on an H100 the search kernel
           ran 1.1–1.6× slower than XLA's top_k while the gather-pool kernel took 0.4–0.8× XLA's time,
           docs/kernels.md); on CPU the native kernels where they build (a C++ compiler is on PATH), else XLA
@@ -130,11 +131,11 @@ def pre_value_gather(pre_values_NxP, values_NxD, rows_TxK, pre_TxP, scores_TxKxC
 def search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect: int, topk: int, additive: bool,
            impl: str = "xla"):
     """``key_search.search`` by ``impl``.  Per-rank queries (UltraMemV2, T×H×R×D) take the XLA path: the
-    search kernel scores one query per side.  The native kernel: TDQKR on float32 queries and keys only."""
-    if impl == "native" and not additive and query_row.ndim == 3 and all(
-            x.dtype == jnp.float32 for x in (query_row, query_col, keys_row, keys_col, cores)):
+    search kernel scores one query per side.  The native kernels: float32 queries and keys only."""
+    if impl == "native" and query_row.ndim == 3 and all(
+            x.dtype == jnp.float32 for x in (query_row, query_col, keys_row, keys_col, *([] if additive else [cores]))):
         from cpu_kernels import key_search as native
-        return native.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk)
+        return native.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive)
     if impl in ("xla", "gpu_pool", "native") or query_row.ndim == 4:
         return key_search.search(query_row, query_col, keys_row, keys_col, cores, u, t, preselect, topk, additive)
     from pallas_kernels import key_search as kernel

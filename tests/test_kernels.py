@@ -159,7 +159,9 @@ def test_key_search_matches_reference(rng, case, backend, mode):
     got = jax.jit(kernel)(*args)
     _assert_same_winners(got, want)
 
-    g = _normal(rng, *want[0].shape)
+    # no cotangent on the few winners a near-tie let differ: their keys' gradients would differ by design
+    same = np.asarray(got[1]) == np.asarray(want[1])
+    g = _normal(rng, *want[0].shape) * same[..., None]
     loss = lambda f: lambda *a: jnp.sum(f(*a)[0] * g)  # noqa: E731
     diff_args = (0, 1, 2, 3) if additive else (0, 1, 2, 3, 4)
     want_g = jax.jit(jax.grad(loss(reference), diff_args))(*args)

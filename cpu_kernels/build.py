@@ -106,7 +106,10 @@ def load() -> Path:
     cxx = _compiler()
     path = _library_path(cxx)
     if not path.exists():
-        _compile(cxx, path)
+        try:
+            _compile(cxx, path)
+        except OSError as e:  # an unwritable cache directory, a full disk
+            raise KernelBuildError(f"cannot build into {path.parent}: {e} (set ULTRAMEM_KERNEL_CACHE)") from None
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:

@@ -250,6 +250,18 @@ def test_build_failures_name_the_cause_and_leave_no_library(tmp_path, monkeypatc
     assert [p.name for p in out.parent.iterdir()] == [".lock"]  # no half-written library to load next time
 
 
+def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ULTRAMEM_KERNEL_CACHE", str(blocker / "cache"))  # a directory under a file
+    build.load.cache_clear()
+    try:
+        with pytest.raises(build.KernelBuildError, match="cannot build into .*ULTRAMEM_KERNEL_CACHE"):
+            build.load()
+    finally:
+        build.load.cache_clear()
+
+
 def test_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("ULTRAMEM_KERNEL_CACHE", str(tmp_path))
     path = build._library_path(build._compiler())

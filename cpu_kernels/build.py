@@ -9,7 +9,6 @@ without a compiler still installs and runs, on the XLA ops.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -20,6 +19,11 @@ import tempfile
 from pathlib import Path
 
 import jax
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, so concurrent first builds may compile twice (the rename stays atomic)
+    fcntl = None
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("gather_pool.cc", "rescore.cc", "select.cc")
@@ -80,7 +84,8 @@ def _library_path(cxx: str) -> Path:
 def _compile(cxx: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one compiler per cache directory; the others wait, then load
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one compiler per cache directory; the others wait, then load
         if out.exists():
             return
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -126,4 +131,6 @@ def unavailable_reason() -> str | None:
         load()
     except KernelBuildError as e:
         return str(e)
+    except Exception as e:  # noqa: BLE001 (a jax without the FFI API, an unexpected loader error: fall back)
+        return f"{type(e).__name__}: {e}"
     return None

@@ -16,6 +16,7 @@ from ultramem_jax import key_search
 
 KEY_LANES = 16  # select.cc's kLanes: the keys it scores per block
 
+
 def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
            preselect: int, topk: int, additive: bool = False):
     """Returns ``(scores_TxHxMxC, slots_TxHxM)``, best first; slot = row·N + col."""
@@ -32,7 +33,7 @@ def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR,
     build.load()
     q_row, q_col, k_row, k_col = jax.lax.stop_gradient(
         (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR))
-    H, R = k_row.shape[0], k_row.shape[-1]
+    H = k_row.shape[0]
     if additive:  # rank 1: the pre-selection score is the key score itself, as in product_key_topk
         u = t = jnp.ones((H, 1), jnp.float32)
         core_sum_HxRxR = jnp.zeros((H, 1, 1), jnp.float32)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_same_winners
 from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -127,16 +128,6 @@ def _search_inputs(rng, T, H, D, n, R, C):
                 u=_normal(rng, H, R), t=_normal(rng, H, R))
 
 
-def _assert_same_winners(got, want, atol=1e-4):
-    """Scores equal; slot ids equal except where the reference itself had a near-tie (f32 sum order)."""
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=atol)
-    total = np.asarray(want[0]).sum(-1)
-    gaps = np.abs(np.diff(total, axis=-1))
-    clear = np.ones(total.shape, bool)
-    clear[..., 1:] &= gaps > atol
-    clear[..., :-1] &= gaps > atol
-    assert clear.mean() > 0.9, "inputs too tied to compare"
-    np.testing.assert_array_equal(np.asarray(got[1])[clear], np.asarray(want[1])[clear])
 
 
 SEARCH_CASES = [  # T, H, D, n, R, C, preselect, topk, additive
@@ -157,7 +148,7 @@ def test_key_search_matches_reference(rng, case, backend, mode):
     reference = lambda *a: key_search.search(*a, P, M, additive)  # noqa: E731
     want = jax.jit(reference)(*args)  # jitted: eager compiles op by op
     got = jax.jit(kernel)(*args)
-    _assert_same_winners(got, want)
+    assert_same_winners(got, want)
 
     # no cotangent on the few winners a near-tie let differ: their keys' gradients would differ by design
     same = np.asarray(got[1]) == np.asarray(want[1])
@@ -178,7 +169,7 @@ def test_gpu_key_search_with_small_token_tiles(rng, monkeypatch, tile_elems):
     T, H, D, n, R, C, P, M, additive = SEARCH_CASES[0]
     args = list(_search_inputs(rng, T, H, D, n, R, C).values())
     assert ks_kernel._gpu_tile(common.pow2(n), common.pow2(P) ** 2) == max(1, tile_elems // 256)
-    _assert_same_winners(ks_kernel.search(*args, P, M, additive, "gpu", True),
+    assert_same_winners(ks_kernel.search(*args, P, M, additive, "gpu", True),
                          key_search.search(*args, P, M, additive))
     assert "triton" in _gpu_lower(lambda *a: ks_kernel.search(*a, P, M, additive, "gpu", False)[0],
                                   [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
@@ -194,7 +185,7 @@ def test_key_search_with_full_preselection_is_brute_force_top_m(rng):
     s_row = tdqkr.rank_key_scores(x["query_row"], x["keys_row"])
     s_col = tdqkr.rank_key_scores(x["query_col"], x["keys_col"])
     best, best_slots = tdqkr.brute_force_grid_topk(s_row, s_col, x["cores"], M)
-    _assert_same_winners((scores.sum(-1, keepdims=True), slots), (best[..., None], best_slots))
+    assert_same_winners((scores.sum(-1, keepdims=True), slots), (best[..., None], best_slots))
 
 
 # ---- the layer and the sharded lookup through the kernels ----------------------------------------------
@@ -256,7 +247,10 @@ def test_v2_layer_with_kernels_matches_xla(rng):
                                     lookup.MemoryLayout(col_axes=("tensor",), token_axes=("data",)),
                                     lookup.MemoryLayout(row_axes=("data",), col_axes=("tensor",), token_axes=("data",))],
                          ids=lambda l: l.kind)
-def test_kernels_inside_shard_map_match_one_device(rng, layout):
+@pytest.mark.parametrize("impl", ["interpret", "native"])  # Pallas (TPU kernels interpreted), C++ (cpu_kernels/)
+def test_kernels_inside_shard_map_match_one_device(rng, layout, impl):
+    if impl == "native" and kernels.native_unavailable_reason() is not None:
+        pytest.skip(f"native kernels unavailable: {kernels.native_unavailable_reason()}")
     from ultramem_jax.mesh import make_mesh
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     T, K, N, D, E, C, O = 16, 6, 32, 16, 4, 2, 8
@@ -272,7 +266,10 @@ def test_kernels_inside_shard_map_match_one_device(rng, layout):
 
     (_, want), want_g = loss("xla", None)(values, out_proj, scores)
     with jax.set_mesh(mesh):
-        (_, got), got_g = jax.jit(loss("interpret", layout))(values, out_proj, scores)
+        step = jax.jit(loss(impl, layout))
+        (_, got), got_g = step(values, out_proj, scores)
+        if impl == "native":
+            assert "ultramem_gather_pool_fwd" in step.lower(values, out_proj, scores).as_text()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_g, want_g):  # f32 partial sums in another order: scale the tolerance to the values (~1)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -485,4 +482,4 @@ def test_gpu_key_search_on_gpu(rng, case):
     with jax.default_matmul_precision("highest"):  # both compute the key scores with an XLA einsum
         want = key_search.search(*args, P, M, additive)
         got = ks_kernel.search(*args, P, M, additive, "gpu", False)
-    _assert_same_winners(got, want)
+    assert_same_winners(got, want)

@@ -20,27 +20,23 @@ KEY_LANES = 16  # select.cc's kLanes: the keys it scores per block
 def search(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
            preselect: int, topk: int, additive: bool = False):
     """Returns ``(scores_TxHxMxC, slots_TxHxM)``, best first; slot = row·N + col."""
-    slots_TxHxM = select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
-                         u_HxR, t_HxR, preselect, topk, additive)
-    score = key_search.rescore if additive else rescore
-    return score(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
-                 slots_TxHxM, *([True] if additive else [])), slots_TxHxM
+    args = (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR)
+    slots_TxHxM = select(*args, u_HxR, t_HxR, preselect, topk, additive)
+    if additive:
+        return key_search.rescore(*args, slots_TxHxM, additive=True), slots_TxHxM
+    return rescore(*args, slots_TxHxM), slots_TxHxM
 
 
 def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
            preselect: int, topk: int, additive: bool = False):
     """``key_search.select``: the winners' slot ids T×H×M, best first (ties to the lower id); no gradient."""
     build.load()
-    q_row, q_col, k_row, k_col = jax.lax.stop_gradient(
-        (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR))
-    H = k_row.shape[0]
-    if additive:  # rank 1: the pre-selection score is the key score itself, as in product_key_topk
-        u = t = jnp.ones((H, 1), jnp.float32)
-        core_sum_HxRxR = jnp.zeros((H, 1, 1), jnp.float32)
-    else:
-        u, t = (jax.lax.stop_gradient(x).astype(jnp.float32) for x in (u_HxR, t_HxR))
-        core_sum_HxRxR = jax.lax.stop_gradient(cores_CxHxRxR).astype(jnp.float32).sum(axis=0)
-    N = k_row.shape[1]
+    q_row, q_col, k_row, k_col, cores, u, t = key_search.selection_inputs(
+        query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR, additive)
+    H, N = k_row.shape[:2]
+    # the grid needs only Σ_c C⁽ᶜ⁾; additive scoring ignores it
+    core_sum_HxRxR = jnp.zeros((H, 1, 1), jnp.float32) if cores is None else cores.astype(jnp.float32).sum(axis=0)
+    u, t = (jax.lax.stop_gradient(x).astype(jnp.float32) for x in (u, t))
     pad = -N % KEY_LANES
 
     def keys_last(k):  # H×R×D×N_pad: keys contiguous, in whole blocks of the kernel's accumulators

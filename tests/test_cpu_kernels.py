@@ -187,7 +187,7 @@ def test_resolve_native_and_auto_on_cpu(monkeypatch, caplog):
     with pytest.raises(ValueError, match="native kernels run on CPU only"):
         kernels.resolve("native", "tpu")
     monkeypatch.setattr(kernels, "native_unavailable_reason", lambda: "no C++ compiler: 'c++' is not on PATH")
-    monkeypatch.setattr(kernels, "_warned_native", False)
+    kernels._warn_native_unavailable.cache_clear()
     with pytest.raises(ValueError, match="unavailable: no C\\+\\+ compiler"):
         kernels.resolve("native", "cpu")
     with caplog.at_level(logging.WARNING, logger="ultramem_jax.kernels"):

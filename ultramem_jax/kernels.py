@@ -17,6 +17,7 @@ it, ``auto`` falls back to XLA and ``pallas`` fails with that reason.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -44,12 +45,14 @@ def native_unavailable_reason() -> str | None:
     return build.unavailable_reason()
 
 
-_warned_native = False
+@functools.cache
+def _warn_native_unavailable(reason: str) -> None:
+    """Once per reason, however many layers resolve ``auto``."""
+    log.warning("memory.kernels auto: the native CPU kernels are unavailable (%s); using XLA", reason)
 
 
 def resolve(choice: str, platform: str | None = None) -> str:
     """``kernels`` config value → one of IMPLS for ``platform`` (default: jax's default backend)."""
-    global _warned_native
     if choice not in CHOICES:
         raise ValueError(f"memory.kernels: must be one of {list(CHOICES)}, got {choice!r}")
     platform = platform or jax.default_backend()
@@ -63,9 +66,7 @@ def resolve(choice: str, platform: str | None = None) -> str:
             return "native"
         if choice == "native":
             raise ValueError(f"memory.kernels: the native CPU kernels are unavailable: {reason}")
-        if not _warned_native:
-            log.warning("memory.kernels auto: the native CPU kernels are unavailable (%s); using XLA", reason)
-            _warned_native = True
+        _warn_native_unavailable(reason)
         return "xla"
     if platform == "tpu":
         return "tpu"

@@ -88,20 +88,28 @@ LANE_CHUNK = 1024
 def select(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR, t_HxR,
            preselect: int, topk: int, additive: bool = False):
     """The winners' slot ids T×H×M (slot = row·N + col), best first; no gradient."""
-    q_row, q_col, k_row, k_col = jax.lax.stop_gradient(
-        (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR))
-    if additive:  # rank 1: the pre-selection score is the key score itself, as in product_key_topk
-        cores_CxHxRxR = None
-        u_HxR = t_HxR = jnp.ones(k_row.shape[::3], jnp.float32)
-    else:
-        cores_CxHxRxR = jax.lax.stop_gradient(cores_CxHxRxR)
-    arrays = (q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR)
+    arrays = selection_inputs(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR,
+                              u_HxR, t_HxR, additive)
+    q_row, k_row = arrays[0], arrays[2]
     static = dict(preselect=preselect, topk=topk, additive=additive)
     T, H, N = q_row.shape[0], q_row.shape[1], k_row.shape[1]
     if T * H * N < topk_lib.NETWORK_MIN_SCORES:  # too small to repay the networks' compile (topk.py)
         return select_rows(*arrays, **static)
     return jax.lax.platform_dependent(*arrays, cpu=functools.partial(select_lanes, **static),
                                       default=functools.partial(select_rows, **static))
+
+
+def selection_inputs(query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR, cores_CxHxRxR, u_HxR,
+                     t_HxR, additive: bool):
+    """``select``'s arrays outside autodiff (it has no gradient), as every implementation of it takes them:
+    ``(q_row, q_col, k_row, k_col, cores, u, t)``. Additive (PKM) scoring has rank 1, no cores and unit
+    directions u = t = 1: the pre-selection score is the key score itself, as in product_key_topk."""
+    q_row, q_col, k_row, k_col = jax.lax.stop_gradient(
+        (query_row_TxHxD, query_col_TxHxD, keys_row_HxNxDxR, keys_col_HxNxDxR))
+    if additive:
+        ones_HxR = jnp.ones(k_row.shape[::3], jnp.float32)
+        return q_row, q_col, k_row, k_col, None, ones_HxR, ones_HxR
+    return q_row, q_col, k_row, k_col, jax.lax.stop_gradient(cores_CxHxRxR), u_HxR, t_HxR
 
 
 def select_rows(q_row, q_col, k_row, k_col, cores_CxHxRxR, u_HxR, t_HxR, preselect, topk, additive):

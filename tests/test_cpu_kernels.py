@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same_winners
+from conftest import assert_same_winners, preselect_ties
 from flax import nnx
 
 from cpu_kernels import build
@@ -89,8 +89,13 @@ def test_search_matches_reference(rng, case, additive):
     args = _search_inputs(rng, T, H, D, n, R, C)
     want = jax.jit(lambda *a: key_search.search(*a, P, M, additive))(*args)
     got = jax.jit(lambda *a: native_search.search(*a, P, M, additive))(*args)
-    assert_same_winners(got, want)
-    assert np.all(np.diff(np.asarray(got[0]).sum(-1), axis=-1) <= 1e-5)  # best first
+    q_row, q_col, k_row, k_col, _, u, t = args
+    ones = np.ones((H, 1))
+    ties = preselect_ties(q_row, q_col, k_row, k_col, ones if additive else u, ones if additive else t, P)
+    assert ties.mean() < 0.1
+    assert_same_winners(got, want, skip=ties)
+    total = np.asarray(got[0]).sum(-1)  # best first, up to the rounding of the two ways the kernel sums the cores
+    assert np.all(np.diff(total, axis=-1) <= 1e-5 + 1e-6 * np.abs(total[..., 1:]))
 
 
 def test_full_preselection_is_brute_force_top_m(rng):

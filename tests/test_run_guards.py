@@ -106,3 +106,31 @@ def test_a_second_ctrl_c_quits_at_once():
     assert r.stderr.strip().splitlines() == [
         "interrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)",
         "interrupted again: exiting now, without saving"]
+
+
+def test_metrics_go_on_when_tensorboards_writer_thread_died(tmp_path):
+    """tensorboardX's writer thread dies on an OSError (a full disk); its bounded queue then blocked every later
+    write once full. The logger must notice, keep writing metrics.jsonl, and close without blocking."""
+    import threading
+
+    logger = MetricsLogger(str(tmp_path))
+    logger.write(0, {"loss": 1.0})
+    events = logger._tb.file_writer.event_writer
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+    events._ev_writer.write_event = fail  # the thread's next write raises, and the thread ends
+    logger.write(1, {"loss": 0.9})
+    events._worker.join(timeout=30)
+    assert not events._worker.is_alive()
+    done = threading.Event()
+
+    def many_writes():
+        for step in range(2, 200):  # far more events than the writer's queue holds (10)
+            logger.write(step, {"loss": 0.5, "lr": 1e-3})
+        logger.close()
+        done.set()
+    threading.Thread(target=many_writes, daemon=True).start()
+    assert done.wait(60), "metrics writes blocked behind a dead TensorBoard writer"
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(200))

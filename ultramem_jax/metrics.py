@@ -41,6 +41,12 @@ class MetricsLogger:
             self._file.flush()
         except OSError as e:  # e.g. a full disk: name the file in the one error line
             raise OSError(e.errno, e.strerror, self.path) from None
+        if self._tb is not None and not _tb_writer_alive(self._tb):
+            warn(f"TensorBoard's event writer under {os.path.dirname(self.path)} stopped (a full disk?); "
+                 "metrics.jsonl keeps every record")
+            self._tb = None
+        if self._tb is None:
+            return
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(v):  # a diverging run's last record keeps its
                 self._tb.add_scalar(f"{kind}/{k}", v, step)          # non-finite values in metrics.jsonl only
@@ -48,7 +54,17 @@ class MetricsLogger:
     def close(self):
         if self.enabled and not self._file.closed:
             self._file.close()
-            self._tb.close()
+            if self._tb is not None and _tb_writer_alive(self._tb):  # closing a dead writer would block too
+                self._tb.close()
+
+
+def _tb_writer_alive(tb) -> bool:
+    """tensorboardX writes events from a thread fed by a bounded queue. Where that thread died on an OSError (a full
+    disk), every later write would block the run forever once the queue filled (seen: train.py hung in its last
+    metrics write). Reads tensorboardX's writer thread; a version without these attributes counts as alive."""
+    events = getattr(getattr(tb, "file_writer", None), "event_writer", None)
+    worker = getattr(events, "_worker", None)
+    return worker is None or worker.is_alive()
 
 
 def _records_up_to(path: str, step: int) -> list[str]:

@@ -63,7 +63,9 @@ def assert_same_winners(got, want, atol=1e-4, rtol=1e-4, skip=None):
     clear = np.ones(total.shape, bool)
     clear[..., 1:] &= ~near
     clear[..., :-1] &= ~near
-    assert clear.mean() > 0.9, "inputs too tied to compare"
+    # Guards against a vacuous comparison only: tiny test grids (11 keys, a head whose u is near zero) can leave
+    # a third of the winners in near-ties, and a tighter bound flaked (2 of 3,200 sampled C++ search tests).
+    assert clear.mean() > 0.5, "inputs too tied to compare"
     np.testing.assert_allclose(got_s[clear], want_s[clear], rtol=rtol, atol=atol)
     np.testing.assert_array_equal(np.asarray(got[1])[clear], np.asarray(want[1])[clear])
 

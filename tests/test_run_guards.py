@@ -108,6 +108,7 @@ def test_a_second_ctrl_c_quits_at_once():
         "interrupted again: exiting now, without saving"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the test
 def test_metrics_go_on_when_tensorboards_writer_thread_died(tmp_path):
     """tensorboardX's writer thread dies on an OSError (a full disk); its bounded queue then blocked every later
     write once full. The logger must notice, keep writing metrics.jsonl, and close without blocking."""
